@@ -16,13 +16,13 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Union
+
 
 from .errors import GenotypeError
 
 __all__ = ["Genotype", "Value", "format_value", "parse_value"]
 
-Value = Union[int, float, str, tuple["Value", ...]]
+Value = int | float | str | tuple["Value", ...]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|nan)")

@@ -1,0 +1,3 @@
+"""Search: strategies, evaluators, runners, store."""
+
+__all__: list[str] = []

@@ -1,0 +1,161 @@
+"""`SearchConfig`: every setting of a search run, typed, frozen and strictly validated.
+
+Loaded from flags, a TOML or YAML file (``--config``), or a run folder's ``config.json`` (resume).
+An unknown key is an error naming the closest valid key; a wrong type names the expected one.
+Nothing is ever evaluated as code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from search_spaces import ConfigError, UnknownNameError
+
+__all__ = ["SearchConfig", "load_config_file", "RUNNERS", "SCHEDULERS"]
+
+RUNNERS = ("local", "ray")
+SCHEDULERS = ("auto", "asha", "mo-asha", "none")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    # what to search
+    space: str = "unireplk"
+    space_options: Mapping[str, Any] = field(default_factory=dict)
+    tiny: bool = True  # the space's small macro setting (fast on 2 CPU cores)
+    dataset: str = "mnist1d"
+    # how to search
+    strategy: str = "surrogate"
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    trials: int = 20
+    epochs: int = 5
+    objectives: tuple[str, ...] = ("val_acc", "params")
+    constraints: tuple[str, ...] = ()
+    seed: int = 0
+    # training
+    batch_size: int = 64
+    lr: float = 3e-3
+    # execution
+    runner: str = "local"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 2
+    ray_address: str | None = None
+    scheduler: str = "auto"  # auto: ASHA for one objective, MO-ASHA for several
+    grace_period: int = 1
+    reduction_factor: int = 2
+    # where results go
+    out: str | None = None  # default: results/<space>-<dataset>-<strategy>-<time>
+    storage: str | None = None  # any SQLAlchemy URL; default: sqlite:///<out>/study.db
+
+    def __post_init__(self) -> None:
+        _positive("trials", self.trials)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("max_concurrent", self.max_concurrent)
+        _positive("grace_period", self.grace_period)
+        if self.reduction_factor < 2:
+            raise ConfigError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError(
+                f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial}, {self.gpus_per_trial}"
+            )
+        if self.runner not in RUNNERS:
+            raise UnknownNameError("runner", self.runner, RUNNERS)
+        if self.scheduler not in SCHEDULERS:
+            raise UnknownNameError("scheduler", self.scheduler, SCHEDULERS)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> SearchConfig:
+        """Strict: unknown keys and wrong types are `ConfigError`s that say what is valid."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            if norm not in known:
+                raise UnknownNameError(f"key in {source}", key, known)
+            kwargs[norm] = _coerce(norm, value, cls.__dataclass_fields__[norm].default, source)
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check a value against the field's default type; lists become tuples."""
+    if key in ("objectives", "constraints"):
+        if isinstance(value, str):
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key} in {source} must be a list of strings, got {value!r}")
+    if key in ("space_options", "strategy_options"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} in {source} must be a table/mapping, got {value!r}")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    if default is None:  # optional strings
+        if value is None or isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} in {source} must be a string, got {value!r}")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} in {source} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} in {source} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} in {source} must be a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} in {source} must be a string, got {value!r}")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file into a plain mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UnknownNameError("config file type", p.suffix, [".toml", ".yaml", ".yml", ".json"])
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot parse {p}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"cannot parse {p}: {exc}") from None
+        raise
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{p} must hold a table of settings, got {type(data).__name__}")
+    return dict(data)

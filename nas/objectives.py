@@ -1,0 +1,131 @@
+"""Objectives (what to optimise) and constraints (what no returned candidate may violate).
+
+Written on the command line as ``val_acc:max,params:min`` and ``params<=1e6``. Strategies see
+objective values as *losses* (lower is better, maximised metrics negated) so every strategy
+minimises; the store keeps the metrics as measured.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from search_spaces.errors import ConfigError, UnknownNameError
+
+__all__ = [
+    "KNOWN_METRICS",
+    "Constraint",
+    "Objective",
+    "losses",
+    "parse_constraints",
+    "parse_objectives",
+    "violations",
+]
+
+# Metric -> its natural direction; `metric:max` / `metric:min` overrides it for custom metrics.
+KNOWN_METRICS: dict[str, str] = {
+    "val_acc": "max",
+    "test_acc": "max",
+    "params": "min",
+    "flops": "min",
+    "macs": "min",
+    "activations": "min",
+    "latency_ms": "min",
+    "onnx_latency_ms": "min",
+    "model_size_mb": "min",
+    "train_time_s": "min",
+}
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str  # "max" or "min"
+
+    def loss(self, value: float) -> float:
+        return -value if self.direction == "max" else value
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.direction}"
+
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    metric: str
+    op: str
+    bound: float
+
+    def satisfied(self, metrics: Mapping[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False  # unknown means "not shown to satisfy": never report it as feasible
+        return bool(_OPS[self.op](value, self.bound))
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.bound:g}"
+
+
+def parse_objectives(spec: str | Sequence[str]) -> tuple[Objective, ...]:
+    """``"val_acc,params:min"`` -> objectives; the first one is the primary (early stopping)."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:
+        raise ConfigError("at least one objective is needed, e.g. 'val_acc' or 'val_acc,params'")
+    out: list[Objective] = []
+    for item in items:
+        metric, _, direction = item.partition(":")
+        if not direction:
+            if metric not in KNOWN_METRICS:
+                raise UnknownNameError(
+                    "objective metric (or write metric:max / metric:min)", metric, KNOWN_METRICS
+                )
+            direction = KNOWN_METRICS[metric]
+        if direction not in ("max", "min"):
+            raise UnknownNameError("objective direction", direction, ["max", "min"])
+        if any(o.metric == metric for o in out):
+            raise ConfigError(f"objective {metric!r} is given twice in {spec!r}")
+        out.append(Objective(metric, direction))
+    return tuple(out)
+
+
+_CONSTRAINT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*")
+
+
+def parse_constraints(specs: str | Sequence[str] | None) -> tuple[Constraint, ...]:
+    """``"params<=1e6,latency_ms<=5"`` (or a list of such) -> constraints."""
+    if not specs:
+        return ()
+    items = [
+        s for part in ([specs] if isinstance(specs, str) else specs) for s in part.split(",") if s.strip()
+    ]
+    out = []
+    for item in items:
+        m = _CONSTRAINT.fullmatch(item)
+        if not m:
+            raise ConfigError(f"constraint {item!r} must look like 'params<=1e6' (operators: <=, >=, <, >)")
+        try:
+            bound = float(m.group(3))
+        except ValueError:
+            raise ConfigError(f"constraint bound {m.group(3)!r} in {item!r} is not a number") from None
+        out.append(Constraint(m.group(1), m.group(2), bound))
+    return tuple(out)
+
+
+def losses(objectives: Sequence[Objective], metrics: Mapping[str, float]) -> tuple[float, ...] | None:
+    """Objective values as losses, or None if any is missing or not finite (a failed trial)."""
+    out = []
+    for o in objectives:
+        v = metrics.get(o.metric)
+        if v is None or not math.isfinite(float(v)):
+            return None
+        out.append(o.loss(float(v)))
+    return tuple(out)
+
+
+def violations(constraints: Sequence[Constraint], metrics: Mapping[str, float]) -> list[str]:
+    return [str(c) for c in constraints if not c.satisfied(metrics)]

@@ -1,0 +1,66 @@
+"""Pareto fronts over n objectives, all minimised (pass losses, see `nas.objectives.losses`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["pareto_mask", "nondominated_rank", "crowding_distance"]
+
+
+def _dominates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``out[i, j]`` is True when row i of a dominates row j of b (<= everywhere, < somewhere)."""
+    le = (a[:, None, :] <= b[None, :, :]).all(-1)
+    lt = (a[:, None, :] < b[None, :, :]).any(-1)
+    return le & lt
+
+
+def pareto_mask(losses: np.ndarray, feasible: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the non-dominated rows among the feasible ones.
+
+    losses: (n, m) array, lower is better. Infeasible rows are never on the front and do not
+    dominate anything (a constraint-violating candidate must not hide a feasible one).
+    Duplicated points are all kept: neither dominates the other.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2:
+        raise ValueError(f"losses must be (n, m), got shape {losses.shape}")
+    ok = np.isfinite(losses).all(1)
+    if feasible is not None:
+        ok &= np.asarray(feasible, dtype=bool)
+    mask = np.zeros(len(losses), dtype=bool)
+    idx = np.flatnonzero(ok)
+    if idx.size:
+        pts = losses[idx]
+        mask[idx] = ~_dominates(pts, pts).any(0)
+    return mask
+
+
+def nondominated_rank(losses: np.ndarray) -> np.ndarray:
+    """Rank of each row by non-dominated sorting (0 = Pareto front); non-finite rows rank last."""
+    losses = np.asarray(losses, dtype=np.float64)
+    rank = np.full(len(losses), len(losses), dtype=np.int64)
+    remaining = np.flatnonzero(np.isfinite(losses).all(1))
+    level = 0
+    while remaining.size:
+        pts = losses[remaining]
+        front = ~_dominates(pts, pts).any(0)
+        rank[remaining[front]] = level
+        remaining = remaining[~front]
+        level += 1
+    return rank
+
+
+def crowding_distance(losses: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance (Deb et al. 2002) within one front: larger = more isolated."""
+    losses = np.asarray(losses, dtype=np.float64)
+    n, m = losses.shape
+    dist = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for j in range(m):
+        order = np.argsort(losses[:, j], kind="stable")
+        span = losses[order[-1], j] - losses[order[0], j]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0:
+            dist[order[1:-1]] += (losses[order[2:], j] - losses[order[:-2], j]) / span
+    return dist

@@ -1,0 +1,405 @@
+"""Ray Tune runner: many trials at once, on this machine or a cluster, with early stopping.
+
+The strategy stays on the driver. A Tune `Searcher` wraps the `SearchController`: Tune's
+``suggest`` is the controller's ``next`` (ask) and ``on_trial_complete`` its ``finish`` (tell),
+the seam Ray Tune shares with Optuna. A trial's config is four plain values (genotype string,
+budget, trial number, policy text); the evaluator and the genotype parser travel to the workers
+once, through `tune.with_parameters`. Each worker runs `run_trial`, so a candidate's crash is a
+"failed" record, never a dead run.
+
+Early stopping: the trainable reports every epoch but the last; a scheduler (ASHA on the first
+objective, or MO-ASHA on all of them) may stop the trial there, Tune then ends it and the
+searcher records it as "stopped" with the last epoch's metrics. A trial that runs to the end
+sends one final report with every metric, the per-epoch history and its status.
+
+This is the only module of the toolkit that imports Ray, and only inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search_spaces import ConfigError, Genotype, UnknownNameError, get_space
+
+from ..controller import SearchController
+from ..trial import Candidate, Evaluator, TrialResult, run_trial
+from .mo_asha import make_mo_asha
+
+__all__ = ["SCHEDULERS", "SpaceParser", "run_ray"]
+
+SCHEDULERS = {
+    "asha": "asynchronous successive halving on the first objective (Li et al. 2020)",
+    "mo-asha": "multi-objective ASHA: non-dominated sorting at each rung (Schmucker et al. 2021)",
+    "none": "no early stopping: every trial trains its full budget",
+}
+_FINAL = ("complete", "failed", "stopped", "rejected")  # trial_status of a trial's last report
+
+
+@dataclass(frozen=True)
+class SpaceParser:
+    """Genotype string -> genotype, by space name and options: small and picklable, so it can
+    be shipped to workers instead of a space object."""
+
+    space: str
+    space_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, text: str) -> Genotype:
+        return get_space(self.space, **dict(self.space_options)).from_str(text)
+
+
+# -- the worker side ---------------------------------------------------------------------------
+def _flat(metrics: Mapping[str, float], required: tuple[str, ...]) -> dict[str, float]:
+    # Every report carries every objective (NaN if unknown): Tune refuses a result that lacks
+    # the metric its scheduler watches, and a failed trial has no metrics at all.
+    return {**{k: math.nan for k in required}, **{k: float(v) for k, v in metrics.items()}}
+
+
+def _trainable(
+    config: Mapping[str, Any],
+    evaluator: Evaluator,
+    parse: Callable[[str], Genotype],
+    required: tuple[str, ...],
+) -> None:
+    """One Tune trial: evaluate the genotype in ``config``, report each epoch, then a summary."""
+    from ray import tune
+
+    budget = int(config["budget"])
+    try:
+        genotype = parse(str(config["genotype"]))
+    except Exception as exc:  # noqa: BLE001 - a bad genotype is this trial's failure, not the run's
+        result = TrialResult("failed", error=f"could not parse the genotype: {type(exc).__name__}: {exc}")
+    else:
+
+        def on_report(epoch: int, metrics: Mapping[str, float]) -> None:
+            # The last epoch is not reported on its own: a scheduler could stop the trial on it,
+            # and the metrics measured after training (params, latency) would never arrive.
+            # The summary below carries it.
+            if epoch >= budget:
+                return
+            row = {k: float(v) for k, v in metrics.items()}
+            tune.report(
+                {
+                    **_flat(row, required),
+                    "epoch": int(epoch),
+                    "trial_status": "running",
+                    "metrics_json": json.dumps(row),  # exact names, apart from Tune's own keys
+                }
+            )
+
+        result = run_trial(evaluator, genotype, budget, on_report=on_report, required=required)
+    tune.report(
+        {
+            **_flat(result.metrics, required),
+            "trial_status": result.status,
+            "error": result.error,
+            "duration_s": result.duration_s,
+            "metrics_json": json.dumps(result.metrics),
+            "history_json": json.dumps(list(result.history)),  # a string keeps the result flat
+        }
+    )
+
+
+# -- the driver side ---------------------------------------------------------------------------
+@dataclass
+class _Live:
+    candidate: Candidate
+    history: list[dict[str, float]] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)  # the latest Tune result
+
+
+def _row(result: Mapping[str, Any]) -> dict[str, float] | None:
+    """A per-epoch history row (as `run_trial` writes it) from a per-epoch Tune result."""
+    if result.get("trial_status") != "running" or "metrics_json" not in result:
+        return None
+    return {"epoch": float(result["epoch"]), **json.loads(result["metrics_json"])}
+
+
+def _classes() -> tuple[type, type]:
+    """The Tune searcher and callback, defined on first use (their bases need Ray imported)."""
+    from ray.tune import Callback
+    from ray.tune.search import Searcher
+
+    class ControllerSearcher(Searcher):
+        """Tune's ask/tell seam around a `SearchController` (driver only)."""
+
+        def __init__(
+            self,
+            controller: SearchController,
+            static: Callable[[Genotype], Mapping[str, float]] | None,
+            on_result: Callable[[Candidate, TrialResult], None] | None,
+        ):
+            super().__init__()
+            self.controller, self.static, self.on_result = controller, static, on_result
+            self.live: dict[str, _Live] = {}
+            self.errored: set[str] = set()  # failed in Tune; waiting for the callback's error text
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its searcher into the experiment state. A run resumes from its store,
+            # not from there, so the driver-only objects (store connection, callbacks) stay out.
+            return {**self.__dict__, "controller": None, "static": None, "on_result": None}
+
+        def save(self, checkpoint_path: str) -> None:
+            pass  # the run's store is the checkpoint (see the controller)
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str:
+            cand = self.controller.next()
+            if cand is None:
+                return Searcher.FINISHED
+            self.live[trial_id] = _Live(cand)
+            g = cand.genotype.to_str()
+            return {
+                "genotype": g,
+                "budget": int(cand.budget),
+                "number": int(cand.number),
+                "policy": cand.policy,
+            }
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            live = self.live.get(trial_id)
+            if live is None:
+                return
+            live.last = result
+            row = _row(result)
+            if row is not None:
+                live.history.append(row)
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+        ) -> None:
+            if error:
+                self.errored.add(trial_id)  # recorded by `record_error` (or `flush`) with its text
+                return
+            live = self.live.get(trial_id)
+            if live is None:
+                return
+            result = result or live.last
+            if result.get("trial_status") in _FINAL:
+                res = TrialResult(
+                    result["trial_status"],
+                    json.loads(result["metrics_json"]),
+                    tuple(json.loads(result["history_json"])),
+                    str(result.get("error", "")),
+                    float(result.get("duration_s", 0.0)),
+                )
+            elif _row(result) is not None:
+                # A scheduler stopped it: the stopping result reaches us here, not in on_trial_result.
+                row = _row(result)
+                if not live.history or live.history[-1]["epoch"] < row["epoch"]:
+                    live.history.append(row)
+                metrics = {k: v for k, v in live.history[-1].items() if k != "epoch"}
+                res = TrialResult(
+                    "stopped",
+                    self._with_static(live, metrics),
+                    tuple(live.history),
+                    "",
+                    float(result.get("time_total_s", 0.0)),
+                )
+            else:
+                res = TrialResult(
+                    "failed",
+                    {},
+                    tuple(live.history),
+                    "interrupted: Tune ended the trial before it reported",
+                    0.0,
+                )
+            self._finish(trial_id, res)
+
+        def _with_static(self, live: _Live, metrics: dict[str, float]) -> dict[str, float]:
+            # A stopped trial lacks what is measured after training; objectives computable from
+            # the architecture (params, FLOPs) are added so the strategy still learns from it.
+            missing = [o.metric for o in self.controller.objectives if o.metric not in metrics]
+            if not missing or self.static is None:
+                return metrics
+            try:
+                static = self.static(live.candidate.genotype)
+            except Exception:  # noqa: BLE001 - extra information only; the record stands without it
+                return metrics
+            return {**{k: float(static[k]) for k in missing if k in static}, **metrics}
+
+        def record_error(self, trial_id: str, text: str) -> None:
+            if trial_id in self.errored:
+                self.errored.discard(trial_id)
+                live = self.live.get(trial_id)
+                history = tuple(live.history) if live else ()
+                self._finish(trial_id, TrialResult("failed", {}, history, text, 0.0))
+
+        def flush(self) -> None:
+            for trial_id in list(self.errored):
+                self.record_error(trial_id, "the Ray trial failed outside the evaluator")
+
+        def _finish(self, trial_id: str, result: TrialResult) -> None:
+            live = self.live.pop(trial_id)  # popped first: Tune may report a failing tell twice
+            self.controller.finish(live.candidate, result)
+            if self.on_result is not None:
+                self.on_result(live.candidate, result)
+
+    class ErrorText(Callback):
+        """Hands the error of a trial that failed in Tune (a dead worker, an unpicklable
+        evaluator) to the searcher; Tune tells the searcher only that it failed."""
+
+        def __init__(self, searcher: Any):
+            self.searcher = searcher
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            text = "the Ray trial failed outside the evaluator"
+            with contextlib.suppress(Exception):  # the file is a best effort; the record is not
+                lines = [s for s in Path(trial.error_file).read_text().splitlines() if s.strip()]
+                text = "ray: " + (lines[-1] if lines else text)
+            self.searcher.record_error(trial.trial_id, text)
+
+    return ControllerSearcher, ErrorText
+
+
+# -- the entry point -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Join ``address`` (a cluster started with ``ray start --head``), or start a local Ray;
+    either is shut down afterwards, but a Ray this process already runs is left alone."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "ignore_reinit_error": True}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_ray(
+    controller: SearchController,
+    evaluator: Evaluator,
+    *,
+    parse: Callable[[str], Genotype] | None = None,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float = 0.0,
+    max_concurrent: int = 2,
+    address: str | None = None,
+    scheduler: str | None = None,
+    grace_period: int = 1,
+    reduction_factor: int = 2,
+    storage_path: str | Path | None = None,
+    on_result: Callable[[Candidate, TrialResult], None] | None = None,
+) -> None:
+    """Evaluate the controller's candidates as Ray Tune trials until it has none left.
+
+    ``parse`` turns a genotype string back into a genotype on the workers (default: the
+    strategy's space; `SpaceParser` is a light picklable one). ``scheduler`` is one of
+    `SCHEDULERS`; None picks "mo-asha" for several objectives, else "asha". Rungs sit at
+    ``grace_period * reduction_factor**k`` epochs below the budget. Tune's own files go under
+    ``storage_path`` (a temporary folder, removed afterwards, if None). ``on_result(candidate,
+    result)`` runs on the driver after each trial is recorded.
+    """
+    objectives = controller.objectives
+    name = scheduler or ("mo-asha" if len(objectives) > 1 else "asha")
+    if name not in SCHEDULERS:
+        raise UnknownNameError("scheduler", name, SCHEDULERS)
+    if max_concurrent < 1 or cpus_per_trial < 0 or gpus_per_trial < 0:
+        raise ConfigError(
+            f"need max_concurrent >= 1 and non-negative resources, got max_concurrent={max_concurrent}, "
+            f"cpus_per_trial={cpus_per_trial}, gpus_per_trial={gpus_per_trial}"
+        )
+    if grace_period < 1 or reduction_factor < 2:
+        raise ConfigError(
+            f"need grace_period >= 1 and reduction_factor >= 2, got {grace_period}, {reduction_factor}"
+        )
+    if controller.remaining() <= 0:
+        return  # nothing to run (e.g. a finished run resumed): no need to start Ray
+    parse = parse or controller.strategy.space.from_str
+    static = controller.static_metrics or getattr(evaluator, "static_metrics", None)
+    required = tuple(o.metric for o in objectives)
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    def fill(genotype: str) -> Mapping[str, float]:  # MO-ASHA's source of static objectives
+        try:
+            return static(parse(genotype)) if static is not None else {}
+        except Exception:  # noqa: BLE001 - the rung then decides on the objectives it has
+            return {}
+
+    if name == "asha":
+        first = objectives[0]
+        sched: Any = ASHAScheduler(
+            time_attr="epoch",
+            metric=first.metric,
+            mode=first.direction,
+            max_t=controller.budget,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            stop_last_trials=False,
+        )
+    elif name == "mo-asha":
+        sched = make_mo_asha(objectives, controller.budget, grace_period, reduction_factor, "epoch", fill)
+    else:
+        sched = FIFOScheduler()
+
+    searcher_cls, callback_cls = _classes()
+    searcher = searcher_cls(controller, static, on_result)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, evaluator=evaluator, parse=parse, required=required),
+        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+    )
+    # RAY_AIR_NEW_OUTPUT=0: Tune's newer console output prints a table even at verbose=0
+    with _ray_session(address), _folder(storage_path) as where, _env(RAY_AIR_NEW_OUTPUT="0"):
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                scheduler=sched,
+                num_samples=-1,  # the searcher ends the run by answering FINISHED
+                # one worker process runs trial after trial: starting Python, torch and the
+                # data set again for every trial costs more than a small trial itself
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=f"nas-run-{int(time.time())}",
+                storage_path=str(where),
+                verbose=0,
+                callbacks=[callback_cls(searcher)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        tuner.fit()
+        searcher.flush()
+
+
+@contextlib.contextmanager
+def _folder(path: str | Path | None) -> Iterator[Path]:
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path).resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="nas-run-ray-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block only."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

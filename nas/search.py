@@ -1,0 +1,135 @@
+"""`run_search`: a whole search run from a `SearchConfig` — the function behind `nas-run search`.
+
+A run folder holds everything needed to understand and resume it:
+
+    config.json            the resolved configuration (the resume source of truth)
+    study.db               the Optuna study (unless ``storage`` names another database)
+    strategy_state.json    the strategy's state after the last ask/tell
+    trials.csv, pareto.csv written at the end of the run (and on every resume)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search_spaces import ConfigError, SearchSpace, UnknownNameError, get_space
+
+from .config import SearchConfig
+from .controller import SearchController
+from .objectives import parse_constraints, parse_objectives
+from .store import RunStore
+from .strategies.base import make_strategy
+from .trial import Candidate, TrialResult
+
+__all__ = ["SearchRun", "run_search", "prepare_run", "TRAINING_METRICS"]
+
+# what `TrainingEvaluator` reports: objectives and constraints must be among these
+TRAINING_METRICS = ("val_acc", "train_loss", "params", "flops", "macs", "activations", "latency_ms", "epochs")
+STATIC_METRICS = ("params", "flops", "macs")  # known before training: checked before a trial starts
+
+
+@dataclass
+class SearchRun:
+    out: Path
+    config: SearchConfig
+    store: RunStore
+    controller: SearchController
+    evaluator: Any
+    space: SearchSpace
+
+    def write_tables(self) -> tuple[Path, Path]:
+        trials, pareto = self.out / "trials.csv", self.out / "pareto.csv"
+        self.store.dataframe().to_csv(trials, index=False)
+        self.store.pareto().to_csv(pareto, index=False)
+        return trials, pareto
+
+
+def _default_out(cfg: SearchConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"{cfg.space}-{Path(cfg.dataset).name}-{cfg.strategy}-{stamp}"
+
+
+def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = None) -> SearchRun:
+    """Validate everything, create (or reopen) the run folder and its store; run nothing yet."""
+    from .training import TrainingEvaluator
+
+    if resume is not None:
+        out = Path(resume)
+        cfg_path = out / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"{str(out)!r} is not a run folder (no config.json); cannot resume")
+        saved = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+        # a resume may extend the run: only the number of trials can change
+        cfg = saved if config is None else saved.replace(trials=max(config.trials, saved.trials))
+    else:
+        cfg = config or SearchConfig()
+        out = Path(cfg.out) if cfg.out else _default_out(cfg)
+        if (out / "config.json").exists():
+            raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume {out}")
+
+    objectives = parse_objectives(cfg.objectives)
+    constraints = parse_constraints(cfg.constraints)
+    for metric in [o.metric for o in objectives] + [c.metric for c in constraints]:
+        if metric not in TRAINING_METRICS:
+            raise UnknownNameError("metric for objectives/constraints", metric, TRAINING_METRICS)
+    space = get_space(cfg.space, **dict(cfg.space_options))
+    if cfg.tiny:
+        space = space.tiny()
+    evaluator = TrainingEvaluator(
+        space=cfg.space,
+        space_options=dict(space.options),
+        dataset=cfg.dataset,
+        data_seed=cfg.seed,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        threads=max(1, int(cfg.cpus_per_trial)),
+    )
+    evaluator.data()  # a bad dataset name or file fails now, before any folder is written
+    strategy = make_strategy(
+        cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **dict(cfg.strategy_options)
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None or config is not None:
+        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+    url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    store = RunStore(url, objectives, constraints, study_name=out.resolve().name)
+    store.set_meta("config", cfg.to_json())
+    static = evaluator.static_metrics if any(c.metric in STATIC_METRICS for c in constraints) else None
+    controller = SearchController(
+        strategy, store, budget=cfg.epochs, n_trials=cfg.trials, seed=cfg.seed,
+        state_path=out / "strategy_state.json", static_metrics=static,
+    )
+    return SearchRun(out, cfg, store, controller, evaluator, space)
+
+
+def run_search(
+    config: SearchConfig | None = None,
+    resume: str | Path | None = None,
+    on_result: Callable[[Candidate, TrialResult], None] | None = None,
+) -> SearchRun:
+    run = prepare_run(config, resume)
+    cfg = run.config
+    if cfg.runner == "ray":
+        from .runners.ray_tune import run_ray
+
+        multi = len(run.controller.objectives) > 1
+        scheduler = cfg.scheduler if cfg.scheduler != "auto" else ("mo-asha" if multi else "asha")
+        run_ray(
+            run.controller, run.evaluator, cpus_per_trial=cfg.cpus_per_trial, gpus_per_trial=cfg.gpus_per_trial,
+            max_concurrent=cfg.max_concurrent, address=cfg.ray_address, scheduler=scheduler,
+            grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+            storage_path=str((run.out / "ray").resolve()), on_result=on_result,
+        )
+    else:
+        from .runners.local import run_local
+
+        run_local(run.controller, run.evaluator, on_result=on_result)
+    run.write_tables()
+    return run

@@ -1,0 +1,207 @@
+"""The run's results: an Optuna study in any Optuna storage (SQLite file by default).
+
+One Optuna trial per candidate. Its user attributes hold the whole record — genotype string and
+id, compression policy (empty for now), stage, strategy, budget, seed, metrics, per-epoch
+history, error, timings, package versions — so a run can be understood, resumed and opened
+in ``optuna-dashboard sqlite:///DIR/study.db`` from the store alone. Objective values are the
+measured metrics in their own directions; constraints go to Optuna's native constraint slot
+(<= 0 is feasible), so the dashboard and ``study.best_trials`` agree with us.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+from .objectives import Constraint, Objective, losses
+from .pareto import pareto_mask
+from .trial import Candidate, TrialResult
+
+__all__ = ["RunStore", "package_versions"]
+
+_PACKAGES = ("nas-run", "torch", "optuna", "ray", "xgboost-cpu", "xgboost", "numpy", "pandas", "onnxruntime")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class RunStore:
+    """Read/write access to one run's study. Only the driver process writes."""
+
+    def __init__(
+        self,
+        url: str,
+        objectives: Sequence[Objective],
+        constraints: Sequence[Constraint] = (),
+        study_name: str = "nas-run",
+    ):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._optuna = optuna
+        self.url, self.study_name = url, study_name
+        self.objectives, self.constraints = tuple(objectives), tuple(constraints)
+        directions = ["maximize" if o.direction == "max" else "minimize" for o in self.objectives]
+        self.study = optuna.create_study(
+            storage=url, study_name=study_name, directions=directions, load_if_exists=True
+        )
+        if [d.name.lower() for d in self.study.directions] != directions:
+            raise ValueError(
+                f"the store at {url} holds objectives with directions "
+                f"{[d.name.lower() for d in self.study.directions]}, this run asks for {directions}"
+            )
+        self._open: dict[int, Any] = {}
+        self._versions = package_versions()
+        self.study.set_metric_names([o.metric for o in self.objectives])
+
+    # -- run-level metadata ----------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(key, value)
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        return self.study.user_attrs.get(key, default)
+
+    # -- trials ----------------------------------------------------------------------------------
+    def start(
+        self,
+        genotype_str: str,
+        genotype_id: str,
+        budget: int,
+        strategy: str,
+        seed: int,
+        policy: str = "",
+        stage: str = "search",
+    ) -> int:
+        trial = self.study.ask()
+        for key, value in {
+            "genotype": genotype_str,
+            "genotype_id": genotype_id,
+            "policy": policy,
+            "stage": stage,
+            "strategy": strategy,
+            "budget": budget,
+            "seed": seed,
+            "versions": self._versions,
+        }.items():
+            trial.set_user_attr(key, value)
+        self._open[trial.number] = trial
+        return trial.number
+
+    def _trial(self, number: int) -> Any:
+        if number not in self._open:
+            frozen = self.study.get_trials(deepcopy=False)[number]
+            # Optuna has no public "Trial by number"; the id is stable within a storage.
+            self._open[number] = self._optuna.trial.Trial(self.study, frozen._trial_id)
+        return self._open[number]
+
+    def finish(self, candidate: Candidate, result: TrialResult) -> float:
+        """Record the result; returns the summed constraint violation (0 = feasible)."""
+        opt = self._optuna
+        trial = self._trial(candidate.number)
+        violation = 0.0
+        for c in self.constraints:
+            excess = _excess(c, result.metrics)
+            if not c.satisfied(result.metrics):  # strict bounds: at the bound is violated too
+                violation += max(excess, 1e-12)
+                excess = max(excess, 1e-12)
+            trial.set_constraint(str(c), excess)
+        trial.set_user_attr("status", result.status)
+        trial.set_user_attr("metrics", result.metrics)
+        trial.set_user_attr("history", list(result.history))
+        trial.set_user_attr("error", result.error)
+        trial.set_user_attr("duration_s", result.duration_s)
+        trial.set_user_attr("violation", violation)
+        values = losses(self.objectives, result.metrics)
+        if result.status == "complete" and values is not None:  # "rejected" and "failed": FAIL
+            self.study.tell(trial, [result.metrics[o.metric] for o in self.objectives])
+        elif result.status == "stopped":
+            self.study.tell(trial, state=opt.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, state=opt.trial.TrialState.FAIL)
+        self._open.pop(candidate.number, None)
+        return violation
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """Trials left RUNNING by a driver that died: mark them failed, return their records
+        so the controller can run them again."""
+        opt = self._optuna
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
+            trial = self._trial(t.number)
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("error", "interrupted: the driver stopped while this trial ran")
+            self.study.tell(trial, state=opt.trial.TrialState.FAIL)
+            self._open.pop(t.number, None)
+            out.append(dict(t.user_attrs, number=t.number))
+        return out
+
+    def records(self) -> list[dict[str, Any]]:
+        """One flat dict per trial (finished or not), in trial order."""
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            a = t.user_attrs
+            row: dict[str, Any] = {
+                "number": t.number,
+                "state": t.state.name,
+                "status": a.get("status", "running"),
+                "stage": a.get("stage"),
+                "genotype_id": a.get("genotype_id"),
+                "strategy": a.get("strategy"),
+                "budget": a.get("budget"),
+                "seed": a.get("seed"),
+                "duration_s": a.get("duration_s"),
+                "violation": a.get("violation"),
+                "error": a.get("error", ""),
+                "genotype": a.get("genotype"),
+                "policy": a.get("policy", ""),
+                "datetime_start": t.datetime_start,
+                "datetime_complete": t.datetime_complete,
+                "metrics": dict(a.get("metrics") or {}),
+            }
+            rows.append(row)
+        return rows
+
+    def dataframe(self) -> Any:
+        """All trials, one row each, metrics as columns (the record's fields first)."""
+        import pandas as pd
+
+        rows = [{**{k: v for k, v in r.items() if k != "metrics"}, **r["metrics"]} for r in self.records()]
+        return pd.DataFrame(rows)
+
+    def pareto(self) -> Any:
+        """Completed, feasible, non-dominated trials as a DataFrame (n objectives)."""
+        df = self.dataframe()
+        if df.empty:
+            return df
+        done = df[df["status"] == "complete"].reset_index(drop=True)
+        if done.empty:
+            return done
+        ls = [losses(self.objectives, r) for r in done.to_dict("records")]
+        ok = [x is not None for x in ls]
+        m = len(self.objectives)
+        arr = [x if x is not None else (math.inf,) * m for x in ls]
+        feasible = [bool(ok[i]) and not (done.loc[i, "violation"] or 0) > 0 for i in range(len(done))]
+        import numpy as np
+
+        mask = pareto_mask(np.array(arr, dtype=float).reshape(len(arr), m), np.array(feasible))
+        front = done[mask]
+        first = self.objectives[0]
+        return front.sort_values(first.metric, ascending=first.direction == "min").reset_index(drop=True)
+
+
+def _excess(c: Constraint, metrics: dict[str, float]) -> float:
+    """How far a metric is past its bound (<= 0 satisfied); unknown metrics count as violated."""
+    v = metrics.get(c.metric)
+    if v is None or not math.isfinite(v):
+        return 1.0
+    return v - c.bound if c.op in ("<=", "<") else c.bound - v

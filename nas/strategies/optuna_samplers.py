@@ -1,0 +1,167 @@
+"""Optuna's samplers as strategies, through Optuna's ask/tell interface.
+
+Each space dimension becomes a `CategoricalDistribution`; the sampler works on an in-memory
+study private to the strategy (the run's own store is separate, see `nas.store`). TPE handles
+one or several objectives (MOTPE); NSGA-II is Optuna's multi-objective genetic algorithm. The
+constraint violation reaches both samplers through ``constraints_func``.
+
+Determinism and resume: the sampler is re-created before every ask with a seed derived from
+(seed, number of asks), so the sequence depends only on the seed and the history — which is
+exactly what `state_dict` stores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from search_spaces import Genotype, SearchSpace
+
+from .base import Observation, Strategy, register_strategy
+
+__all__ = ["OptunaStrategy", "TPEStrategy", "NSGA2Strategy"]
+
+
+def _violation(trial: Any) -> list[float]:
+    return [float(trial.user_attrs.get("violation", 0.0))]
+
+
+class OptunaStrategy(Strategy):
+    """Base for strategies backed by an Optuna sampler; subclasses build the sampler."""
+
+    def __init__(self, space: SearchSpace, n_objectives: int = 1, seed: int = 0, **sampler_params: Any):
+        super().__init__(space, n_objectives, seed)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._optuna = optuna
+        self.sampler_params = sampler_params
+        self._distributions = {
+            d.name: optuna.distributions.CategoricalDistribution(d.choices) for d in space.dims
+        }
+        self._pending: dict[str, list[Any]] = {}  # genotype string -> open optuna trials
+        self._new_study()
+
+    def _make_sampler(self, seed: int) -> Any:
+        raise NotImplementedError
+
+    def _new_study(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.study = self._optuna.create_study(
+                directions=["minimize"] * self.n_objectives, sampler=self._make_sampler(self.seed)
+            )
+
+    def _propose(self) -> Genotype:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-feature warnings of multivariate TPE
+            self.study.sampler = self._make_sampler(self.seed * 1_000_003 + len(self.asked))
+            trial = self.study.ask()
+            values = {d.name: trial.suggest_categorical(d.name, d.choices) for d in self.space.dims}
+        g = self.space.from_dims(values)
+        self._pending.setdefault(g.to_str(), []).append(trial)
+        return g
+
+    def ask(self) -> Genotype:
+        g = super().ask()
+        # `ask` may redraw: trials of discarded proposals are closed as failed-to-propose
+        for key, trials in list(self._pending.items()):
+            if key != g.to_str() and key not in self.asked:
+                for t in trials:
+                    self.study.tell(t, state=self._optuna.trial.TrialState.FAIL)
+                del self._pending[key]
+        return g
+
+    def _observe(self, obs: Observation) -> None:
+        g, losses, violation = obs
+        opt = self._optuna
+        trials = self._pending.get(g.to_str())
+        if trials:
+            trial = trials.pop(0)
+            if not trials:
+                del self._pending[g.to_str()]
+            trial.set_user_attr("violation", violation)
+            if losses is None:
+                self.study.tell(trial, state=opt.trial.TrialState.FAIL)
+            else:
+                self.study.tell(trial, values=list(losses))
+            return
+        # a result the sampler did not ask for (re-run after resume): add it as data
+        self.study.add_trial(self._frozen(g, losses, violation, {}))
+
+    def _frozen(self, g: Genotype, losses: Any, violation: float, system_attrs: dict[str, Any]) -> Any:
+        opt = self._optuna
+        failed = losses is None
+        return opt.trial.create_trial(
+            state=opt.trial.TrialState.FAIL if failed else opt.trial.TrialState.COMPLETE,
+            values=None if failed else list(losses),
+            params=self.space.to_dims(g),
+            distributions=self._distributions,
+            user_attrs={"violation": violation},
+            system_attrs=system_attrs,
+        )
+
+    def _extra_state(self) -> dict[str, Any]:
+        # Every finished sampler trial in order (discarded redraws too, so trial ids match and
+        # NSGA-II's parent cache, keyed by trial id, stays valid); pending ones are re-run and
+        # re-told by the controller on resume.
+        opt = self._optuna
+        trials = self.study.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state in (opt.trial.TrialState.COMPLETE, opt.trial.TrialState.FAIL)]
+        exact = len(finished) == len(trials)
+        study_attrs = self.study._storage.get_study_system_attrs(self.study._study_id) if exact else {}
+        return {
+            "optuna_trials": [
+                {
+                    "params": t.params,
+                    "values": t.values if t.state == opt.trial.TrialState.COMPLETE else None,
+                    "user_attrs": t.user_attrs,
+                    "system_attrs": {k: v for k, v in t.system_attrs.items() if _jsonable(v)},
+                }
+                for t in finished
+            ],
+            "optuna_study_attrs": {k: v for k, v in study_attrs.items() if _jsonable(v)},
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        opt = self._optuna
+        self._new_study()
+        self._pending = {}
+        for rec in state["optuna_trials"]:
+            failed = rec["values"] is None
+            self.study.add_trial(
+                opt.trial.create_trial(
+                    state=opt.trial.TrialState.FAIL if failed else opt.trial.TrialState.COMPLETE,
+                    values=rec["values"],
+                    params=rec["params"],
+                    distributions={k: self._distributions[k] for k in rec["params"]},
+                    user_attrs=rec["user_attrs"],
+                    system_attrs=rec["system_attrs"],
+                )
+            )
+        for key, value in state["optuna_study_attrs"].items():
+            self.study._storage.set_study_system_attr(self.study._study_id, key, value)
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool, list, dict, type(None)))
+
+
+@register_strategy
+class TPEStrategy(OptunaStrategy):
+    name = "tpe"
+    description = "Optuna's Tree-structured Parzen Estimator (multivariate; MOTPE for several objectives)"
+
+    def _make_sampler(self, seed: int) -> Any:
+        params = {"n_startup_trials": 10, "multivariate": True, **self.sampler_params}
+        return self._optuna.samplers.TPESampler(seed=seed % 2**32, constraints_func=_violation, **params)
+
+
+@register_strategy
+class NSGA2Strategy(OptunaStrategy):
+    name = "nsga2"
+    description = "Optuna's NSGA-II multi-objective genetic algorithm"
+
+    def _make_sampler(self, seed: int) -> Any:
+        params = {"population_size": 20, **self.sampler_params}
+        return self._optuna.samplers.NSGAIISampler(seed=seed % 2**32, constraints_func=_violation, **params)

@@ -1,0 +1,173 @@
+"""`TrainingEvaluator`: build a genotype's model, train it on a named data set, measure it.
+
+A frozen dataclass of plain values, so Ray ships it to workers once and each worker loads the
+data set itself (cached per process). Validation accuracy is reported after every epoch (the
+signal ASHA stops on); test accuracy is computed only when ``with_test`` is set (the final
+report), so a search never selects on the test split.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from search_spaces import ConfigError, Genotype, SearchSpace, get_space
+
+from .trial import Reporter
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import Dataset
+
+__all__ = ["TrainingEvaluator"]
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, seed: int) -> Dataset:
+    from .data import load_dataset
+
+    return load_dataset(name, seed=seed)
+
+
+@dataclass(frozen=True)
+class TrainingEvaluator:
+    space: str
+    space_options: Mapping[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    data_seed: int = 0
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"  # "auto": the GPU a trial is given if any, else the CPU
+    # torch threads for training; the runner gives each trial its CPUs. More threads than
+    # cores (two trials x default threads on 2 cores) made small models ~10x slower here.
+    threads: int | None = 1
+    latency_threads: int = 1  # latency is timed on the CPU, batch 1, this many threads
+    measure_latency: bool = True
+    with_test: bool = False
+    max_train_batches: int | None = None  # cap per epoch, for smoke tests on big data
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size}, {self.lr}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def search_space(self) -> SearchSpace:
+        return get_space(self.space, **dict(self.space_options))
+
+    def data(self) -> Dataset:
+        return _dataset(self.dataset, self.data_seed)
+
+    def _device(self) -> torch.device:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def static_metrics(self, genotype: Genotype) -> dict[str, float]:
+        """Params and FLOPs without training: used to reject candidates that break a
+        constraint before they cost a trial."""
+        from .cost import profile
+
+        data = self.data()
+        model = self.search_space().build(genotype, data.input_shape, data.num_classes)
+        stats = profile(model, data.input_shape)
+        return {"params": float(stats.params), "flops": float(stats.flops), "macs": float(stats.macs)}
+
+    # -- the evaluation ----------------------------------------------------------------------------
+    def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
+        import torch
+        from torch import nn
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        data = self.data()
+        device = self._device()
+        torch.manual_seed(self.seed)
+        model = self.search_space().build(genotype, data.input_shape, data.num_classes).to(device)
+        x_tr, y_tr = _tensor(data.x_train, device), _tensor(data.y_train, device)
+        x_va, y_va = _tensor(data.x_val, device), _tensor(data.y_val, device)
+
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps_per_epoch = math.ceil(len(x_tr) / self.batch_size)
+        if self.max_train_batches:
+            steps_per_epoch = min(steps_per_epoch, self.max_train_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.lr, total_steps=max(1, budget * steps_per_epoch), pct_start=0.15
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(self.seed)
+        val_acc = 0.0
+        for epoch in range(1, budget + 1):
+            if hasattr(model, "set_drop_path_progress"):  # ScheduledDropPath (NASNet)
+                model.set_drop_path_progress((epoch - 1) / max(1, budget))
+            model.train()
+            order = torch.randperm(len(x_tr), generator=gen).to(device)
+            total, seen = 0.0, 0
+            for step in range(steps_per_epoch):
+                idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+                loss = loss_fn(model(x_tr[idx]), y_tr[idx])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+            val_acc = _accuracy(model, x_va, y_va, self.batch_size * 4)
+            report(epoch, {"val_acc": val_acc, "train_loss": total / max(seen, 1)})
+
+        metrics: dict[str, float] = {"val_acc": val_acc, "epochs": float(budget)}
+        if self.with_test:
+            metrics["test_acc"] = _accuracy(
+                model, _tensor(data.x_test, device), _tensor(data.y_test, device), self.batch_size * 4
+            )
+        metrics.update(self._costs(model.cpu(), data.input_shape))
+        return metrics
+
+    def _costs(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+        from .cost import measure_latency, profile
+
+        stats = profile(model, input_shape)
+        out = {
+            "params": float(stats.params),
+            "flops": float(stats.flops),
+            "macs": float(stats.macs),
+            "activations": float(stats.activations),
+        }
+        if self.measure_latency:
+            lat = measure_latency(
+                model, input_shape, batch_size=1, threads=self.latency_threads, warmup=3, repeats=15
+            )
+            out["latency_ms"] = lat.median_ms
+        return out
+
+
+def _tensor(array: Any, device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.as_tensor(array).to(device)
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+    return correct / max(len(x), 1)
+
+
+if TYPE_CHECKING:
+    from torch import nn

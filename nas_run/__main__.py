@@ -1,0 +1,5 @@
+import sys
+
+from nas_run.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""The `nas-run` command line: `search` and `list` today; compress, report and export follow.
+
+User errors (`NasRunError`: a typo in a name, a bad genotype, a broken data set or config) are
+printed as one line and exit with code 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nas-run", description="Neural architecture search and model compression."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("list", help="list search spaces (with presets), data sets and strategies")
+
+    s = sub.add_parser(
+        "search",
+        help="search architectures (no arguments: the embedded default, a few minutes on 2 CPU cores)",
+        description="Run a search. Flags override --config; --resume DIR continues a run from its folder.",
+    )
+    s.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of the settings below")
+    s.add_argument("--space", help="search space name (see `nas-run list`)")
+    s.add_argument("--full-size", action="store_true", help="use the space's full macro setting, not its tiny one")
+    s.add_argument("--dataset", help="data set name, a .npz file or an image folder")
+    s.add_argument("--strategy", help="search strategy (see `nas-run list`)")
+    s.add_argument("--trials", type=int, help="number of candidates to train")
+    s.add_argument("--epochs", type=int, help="training epochs per candidate (the budget)")
+    s.add_argument("--objectives", help="comma list, e.g. val_acc,params or val_acc:max,latency_ms:min")
+    s.add_argument("--constraint", action="append", help="e.g. params<=1e6 (repeatable)")
+    s.add_argument("--runner", help="local (in-process) or ray (Ray Tune trials)")
+    s.add_argument("--cpus-per-trial", type=float)
+    s.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.5")
+    s.add_argument("--max-concurrent", type=int, help="Ray: trials running at once")
+    s.add_argument("--ray-address", help="join an existing Ray cluster (started by `ray start --head`)")
+    s.add_argument("--scheduler", help="Ray early stopping: auto, asha, mo-asha or none")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--out", metavar="DIR", help="run folder (default results/<space>-<dataset>-...)")
+    s.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://... (default: SQLite in DIR)")
+    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR (optionally with more --trials)")
+    s.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    return parser
+
+
+_FLAG_KEYS = (
+    "space", "dataset", "strategy", "trials", "epochs", "objectives", "runner", "cpus_per_trial",
+    "gpus_per_trial", "max_concurrent", "ray_address", "scheduler", "seed", "out", "storage",
+)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from nas.config import SearchConfig, load_config_file
+    from nas.search import run_search
+
+    settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key in _FLAG_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    if args.constraint:
+        settings["constraints"] = list(args.constraint)
+    if args.full_size:
+        settings["tiny"] = False
+    if args.resume:
+        extra = set(settings) - {"trials"}
+        if extra:
+            from search_spaces import ConfigError
+
+            raise ConfigError(f"--resume takes its settings from the run folder; only --trials may change (got {sorted(extra)})")
+        config = SearchConfig.from_mapping(settings) if settings else None
+    else:
+        config = SearchConfig.from_mapping(settings, source=args.config or "flags")
+
+    from nas_run.progress import Progress
+
+    progress = Progress(quiet=args.quiet)
+    run = run_search(config, resume=args.resume, on_result=progress.on_result)
+    progress.summary(run)
+    return 0
+
+
+def _list() -> int:
+    from nas.data import list_datasets
+    from nas.strategies.base import list_strategies
+    from search_spaces import get_space, list_spaces
+
+    print("search spaces:")
+    for info in list_spaces():
+        preset = f" (preset of {info.preset_of})" if info.preset_of else ""
+        print(f"  {info.name:<12} {info.description}{preset}  [{get_space(info.name).describe()}]")
+    print("data sets (or a path to a .npz file or an image folder):")
+    for name, desc in list_datasets():
+        print(f"  {name:<12} {desc}")
+    print("strategies:")
+    for name, desc in list_strategies():
+        print(f"  {name:<12} {desc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from search_spaces import NasRunError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "search":
+            return _search(args)
+        parser.print_help()
+        return 2
+    except NasRunError as exc:
+        print(f"nas-run: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nas-run: interrupted; continue with --resume DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

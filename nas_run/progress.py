@@ -1,0 +1,59 @@
+"""Progress lines during a search and the closing summary (Pareto front, where things are)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+__all__ = ["Progress", "format_metric"]
+
+
+def format_metric(name: str, value: float) -> str:
+    if name.endswith("acc"):
+        return f"{name}={value:.4f}"
+    if name in ("params", "flops", "macs", "activations"):
+        for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(value) >= div:
+                return f"{name}={value / div:.2f}{unit}"
+        return f"{name}={value:.0f}"
+    return f"{name}={value:.3g}"
+
+
+class Progress:
+    def __init__(self, quiet: bool = False, stream: Any = None):
+        self.quiet = quiet
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+        self.done = 0
+        self.best: float | None = None
+
+    def on_result(self, cand: Any, result: Any) -> None:
+        self.done += 1
+        acc = result.metrics.get("val_acc")
+        if result.status == "complete" and acc is not None:
+            self.best = acc if self.best is None else max(self.best, acc)
+        if self.quiet:
+            return
+        shown = " ".join(format_metric(k, result.metrics[k]) for k in ("val_acc", "params", "latency_ms")
+                         if k in result.metrics)
+        err = f" error: {result.error}" if result.error else ""
+        best = f" | best val_acc={self.best:.4f}" if self.best is not None else ""
+        print(f"[{self.done:>3}] trial {cand.number:<3} {result.status:<8} {shown} "
+              f"({result.duration_s:.1f}s){err}{best}  [{time.perf_counter() - self.start:.0f}s]",
+              file=self.stream, flush=True)
+
+    def summary(self, run: Any) -> None:
+        df = run.store.dataframe()
+        counts = df["status"].value_counts().to_dict() if not df.empty else {}
+        front = run.store.pareto()
+        cols = [c for c in ("number", "val_acc", "params", "flops", "latency_ms", "genotype") if c in front.columns]
+        print(f"\nrun folder: {run.out}   trials: {counts}", file=self.stream)
+        print(f"Pareto front ({', '.join(str(o) for o in run.store.objectives)}):", file=self.stream)
+        if front.empty:
+            print("  (no completed feasible trial)", file=self.stream)
+        else:
+            print(front[cols].to_string(index=False, max_colwidth=90), file=self.stream)
+        print(f"tables: {run.out / 'trials.csv'}, {run.out / 'pareto.csv'}", file=self.stream)
+        if run.config.storage is None:
+            print(f"dashboard: optuna-dashboard sqlite:///{(run.out / 'study.db').resolve()}", file=self.stream)

@@ -26,7 +26,7 @@ from .store import RunStore
 from .strategies.base import make_strategy
 from .trial import Candidate, TrialResult
 
-__all__ = ["SearchRun", "run_search", "prepare_run", "TRAINING_METRICS"]
+__all__ = ["SearchRun", "open_store", "prepare_run", "run_search", "TRAINING_METRICS"]
 
 # what `TrainingEvaluator` reports: objectives and constraints must be among these
 TRAINING_METRICS = ("val_acc", "train_loss", "params", "flops", "macs", "activations", "latency_ms", "epochs")
@@ -52,6 +52,22 @@ class SearchRun:
 def _default_out(cfg: SearchConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("results") / f"{cfg.space}-{Path(cfg.dataset).name}-{cfg.strategy}-{stamp}"
+
+
+def _store_for(cfg: SearchConfig, out: Path) -> RunStore:
+    url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    objectives, constraints = parse_objectives(cfg.objectives), parse_constraints(cfg.constraints)
+    return RunStore(url, objectives, constraints, study_name=out.resolve().name)
+
+
+def open_store(run_dir: str | Path) -> RunStore:
+    """The store of an existing run folder (read it, add to it, or point a report at it)."""
+    out = Path(run_dir)
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{str(out)!r} is not a run folder (no config.json)")
+    cfg = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    return _store_for(cfg, out)
 
 
 def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = None) -> SearchRun:
@@ -98,13 +114,17 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
     out.mkdir(parents=True, exist_ok=True)
     if resume is None or config is not None:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-    url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    store = RunStore(url, objectives, constraints, study_name=out.resolve().name)
+    store = _store_for(cfg, out)
     store.set_meta("config", cfg.to_json())
     static = evaluator.static_metrics if any(c.metric in STATIC_METRICS for c in constraints) else None
     controller = SearchController(
-        strategy, store, budget=cfg.epochs, n_trials=cfg.trials, seed=cfg.seed,
-        state_path=out / "strategy_state.json", static_metrics=static,
+        strategy,
+        store,
+        budget=cfg.epochs,
+        n_trials=cfg.trials,
+        seed=cfg.seed,
+        state_path=out / "strategy_state.json",
+        static_metrics=static,
     )
     return SearchRun(out, cfg, store, controller, evaluator, space)
 
@@ -122,10 +142,17 @@ def run_search(
         multi = len(run.controller.objectives) > 1
         scheduler = cfg.scheduler if cfg.scheduler != "auto" else ("mo-asha" if multi else "asha")
         run_ray(
-            run.controller, run.evaluator, cpus_per_trial=cfg.cpus_per_trial, gpus_per_trial=cfg.gpus_per_trial,
-            max_concurrent=cfg.max_concurrent, address=cfg.ray_address, scheduler=scheduler,
-            grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
-            storage_path=str((run.out / "ray").resolve()), on_result=on_result,
+            run.controller,
+            run.evaluator,
+            cpus_per_trial=cfg.cpus_per_trial,
+            gpus_per_trial=cfg.gpus_per_trial,
+            max_concurrent=cfg.max_concurrent,
+            address=cfg.ray_address,
+            scheduler=scheduler,
+            grace_period=cfg.grace_period,
+            reduction_factor=cfg.reduction_factor,
+            storage_path=str((run.out / "ray").resolve()),
+            on_result=on_result,
         )
     else:
         from .runners.local import run_local

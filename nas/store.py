@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import platform
+import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
@@ -62,7 +63,9 @@ class RunStore:
             )
         self._open: dict[int, Any] = {}
         self._versions = package_versions()
-        self.study.set_metric_names([o.metric for o in self.objectives])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "experimental" since Optuna 3.2; the dashboard uses it
+            self.study.set_metric_names([o.metric for o in self.objectives])
 
     # -- run-level metadata ----------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:

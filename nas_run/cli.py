@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of the settings below")
     s.add_argument("--space", help="search space name (see `nas-run list`)")
-    s.add_argument("--full-size", action="store_true", help="use the space's full macro setting, not its tiny one")
+    s.add_argument(
+        "--full-size", action="store_true", help="use the space's full macro setting, not its tiny one"
+    )
     s.add_argument("--dataset", help="data set name, a .npz file or an image folder")
     s.add_argument("--strategy", help="search strategy (see `nas-run list`)")
     s.add_argument("--trials", type=int, help="number of candidates to train")
@@ -51,8 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_KEYS = (
-    "space", "dataset", "strategy", "trials", "epochs", "objectives", "runner", "cpus_per_trial",
-    "gpus_per_trial", "max_concurrent", "ray_address", "scheduler", "seed", "out", "storage",
+    "space",
+    "dataset",
+    "strategy",
+    "trials",
+    "epochs",
+    "objectives",
+    "runner",
+    "cpus_per_trial",
+    "gpus_per_trial",
+    "max_concurrent",
+    "ray_address",
+    "scheduler",
+    "seed",
+    "out",
+    "storage",
 )
 
 
@@ -74,7 +89,9 @@ def _search(args: argparse.Namespace) -> int:
         if extra:
             from search_spaces import ConfigError
 
-            raise ConfigError(f"--resume takes its settings from the run folder; only --trials may change (got {sorted(extra)})")
+            raise ConfigError(
+                f"--resume takes its settings from the run folder; only --trials may change (got {sorted(extra)})"
+            )
         config = SearchConfig.from_mapping(settings) if settings else None
     else:
         config = SearchConfig.from_mapping(settings, source=args.config or "flags")

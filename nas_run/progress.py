@@ -35,19 +35,29 @@ class Progress:
             self.best = acc if self.best is None else max(self.best, acc)
         if self.quiet:
             return
-        shown = " ".join(format_metric(k, result.metrics[k]) for k in ("val_acc", "params", "latency_ms")
-                         if k in result.metrics)
+        shown = " ".join(
+            format_metric(k, result.metrics[k])
+            for k in ("val_acc", "params", "latency_ms")
+            if k in result.metrics
+        )
         err = f" error: {result.error}" if result.error else ""
         best = f" | best val_acc={self.best:.4f}" if self.best is not None else ""
-        print(f"[{self.done:>3}] trial {cand.number:<3} {result.status:<8} {shown} "
-              f"({result.duration_s:.1f}s){err}{best}  [{time.perf_counter() - self.start:.0f}s]",
-              file=self.stream, flush=True)
+        print(
+            f"[{self.done:>3}] trial {cand.number:<3} {result.status:<8} {shown} "
+            f"({result.duration_s:.1f}s){err}{best}  [{time.perf_counter() - self.start:.0f}s]",
+            file=self.stream,
+            flush=True,
+        )
 
     def summary(self, run: Any) -> None:
         df = run.store.dataframe()
         counts = df["status"].value_counts().to_dict() if not df.empty else {}
         front = run.store.pareto()
-        cols = [c for c in ("number", "val_acc", "params", "flops", "latency_ms", "genotype") if c in front.columns]
+        cols = [
+            c
+            for c in ("number", "val_acc", "params", "flops", "latency_ms", "genotype")
+            if c in front.columns
+        ]
         print(f"\nrun folder: {run.out}   trials: {counts}", file=self.stream)
         print(f"Pareto front ({', '.join(str(o) for o in run.store.objectives)}):", file=self.stream)
         if front.empty:
@@ -56,4 +66,6 @@ class Progress:
             print(front[cols].to_string(index=False, max_colwidth=90), file=self.stream)
         print(f"tables: {run.out / 'trials.csv'}, {run.out / 'pareto.csv'}", file=self.stream)
         if run.config.storage is None:
-            print(f"dashboard: optuna-dashboard sqlite:///{(run.out / 'study.db').resolve()}", file=self.stream)
+            print(
+                f"dashboard: optuna-dashboard sqlite:///{(run.out / 'study.db').resolve()}", file=self.stream
+            )

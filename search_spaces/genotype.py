@@ -17,7 +17,6 @@ import math
 import re
 from dataclasses import dataclass
 
-
 from .errors import GenotypeError
 
 __all__ = ["Genotype", "Value", "format_value", "parse_value"]

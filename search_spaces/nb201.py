@@ -140,8 +140,9 @@ def _expression(ops: Sequence[int]) -> tuple[str, ...]:
     """What the cell computes, as a sorted tuple of summands over the input ``x`` (empty: zero).
 
     Algebra, not weights: ``skip_connect`` is the identity, sums are commutative and a
-    ``none`` edge or an edge from a zero node adds nothing. So ``|skip~0|+...|conv~1|..`` and
-    ``|..|+|..|+|conv~0|..`` (conv(x) either way) compare equal.
+    ``none`` edge or an edge from a zero node adds nothing. So 100030 (skip 0->1, conv 1->3)
+    and 000300 (conv 0->3) are both ``("nor_conv_3x3(x)",)``. Weights differ between such cells,
+    the function family does not.
     """
     nodes: list[tuple[str, ...]] = [("x",)]
     for j in (1, 2, 3):

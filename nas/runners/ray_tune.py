@@ -18,6 +18,7 @@ This is the only module of the toolkit that imports Ray, and only inside functio
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from ..controller import SearchController
 from ..trial import Candidate, Evaluator, TrialResult, run_trial
 from .mo_asha import make_mo_asha
 
-__all__ = ["SCHEDULERS", "SpaceParser", "run_ray"]
+__all__ = ["SCHEDULERS", "SpaceParser", "controller_searcher", "run_ray"]
 
 SCHEDULERS = {
     "asha": "asynchronous successive halving on the first objective (Li et al. 2020)",
@@ -114,7 +115,6 @@ def _trainable(
 class _Live:
     candidate: Candidate
     history: list[dict[str, float]] = field(default_factory=list)
-    last: dict[str, Any] = field(default_factory=dict)  # the latest Tune result
 
 
 def _row(result: Mapping[str, Any]) -> dict[str, float] | None:
@@ -124,6 +124,7 @@ def _row(result: Mapping[str, Any]) -> dict[str, float] | None:
     return {"epoch": float(result["epoch"]), **json.loads(result["metrics_json"])}
 
 
+@functools.cache
 def _classes() -> tuple[type, type]:
     """The Tune searcher and callback, defined on first use (their bases need Ray imported)."""
     from ray.tune import Callback
@@ -142,6 +143,7 @@ def _classes() -> tuple[type, type]:
             self.controller, self.static, self.on_result = controller, static, on_result
             self.live: dict[str, _Live] = {}
             self.errored: set[str] = set()  # failed in Tune; waiting for the callback's error text
+            self.interrupted: list[Candidate] = []  # ended unfinished; left open in the store
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its searcher into the experiment state. A run resumes from its store,
@@ -166,11 +168,8 @@ def _classes() -> tuple[type, type]:
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             live = self.live.get(trial_id)
-            if live is None:
-                return
-            live.last = result
             row = _row(result)
-            if row is not None:
+            if live is not None and row is not None:
                 live.history.append(row)
 
         def on_trial_complete(
@@ -182,7 +181,8 @@ def _classes() -> tuple[type, type]:
             live = self.live.get(trial_id)
             if live is None:
                 return
-            result = result or live.last
+            result = result or {}
+            row = _row(result)
             if result.get("trial_status") in _FINAL:
                 res = TrialResult(
                     result["trial_status"],
@@ -191,27 +191,21 @@ def _classes() -> tuple[type, type]:
                     str(result.get("error", "")),
                     float(result.get("duration_s", 0.0)),
                 )
-            elif _row(result) is not None:
-                # A scheduler stopped it: the stopping result reaches us here, not in on_trial_result.
-                row = _row(result)
-                if not live.history or live.history[-1]["epoch"] < row["epoch"]:
-                    live.history.append(row)
-                metrics = {k: v for k, v in live.history[-1].items() if k != "epoch"}
+            elif row is not None and (not live.history or live.history[-1]["epoch"] < row["epoch"]):
+                # Stopped by the scheduler: Tune passes the result a scheduler stops on to the
+                # searcher only here, never to on_trial_result, so an unseen epoch means a stop.
+                live.history.append(row)
+                metrics = {k: v for k, v in row.items() if k != "epoch"}
+                duration = float(result.get("time_total_s", 0.0))
                 res = TrialResult(
-                    "stopped",
-                    self._with_static(live, metrics),
-                    tuple(live.history),
-                    "",
-                    float(result.get("time_total_s", 0.0)),
+                    "stopped", self._with_static(live, metrics), tuple(live.history), "", duration
                 )
             else:
-                res = TrialResult(
-                    "failed",
-                    {},
-                    tuple(live.history),
-                    "interrupted: Tune ended the trial before it reported",
-                    0.0,
-                )
+                # Ended by Tune before it finished, on a result we had seen (Ctrl-C, or the
+                # experiment stopping): not a result. Its trial stays open in the store, so a
+                # resumed run evaluates it again.
+                self.interrupted.append(self.live.pop(trial_id).candidate)
+                return
             self._finish(trial_id, res)
 
         def _with_static(self, live: _Live, metrics: dict[str, float]) -> dict[str, float]:
@@ -260,6 +254,21 @@ def _classes() -> tuple[type, type]:
     return ControllerSearcher, ErrorText
 
 
+def controller_searcher(
+    controller: SearchController,
+    static: Callable[[Genotype], Mapping[str, float]] | None = None,
+    on_result: Callable[[Candidate, TrialResult], None] | None = None,
+) -> Any:
+    """A Ray Tune `Searcher` over ``controller`` (what `run_ray` uses, for your own Tuner).
+
+    ``static(genotype)`` gives metrics known before training (params, FLOPs); they complete
+    the metrics of stopped trials, which lack what is measured after training. Trials that
+    fail inside Tune (not in the evaluator) are recorded when `record_error(trial_id, text)`
+    or `flush()` is called; `run_ray` does both.
+    """
+    return _classes()[0](controller, static, on_result)
+
+
 # -- the entry point -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[None]:
@@ -279,6 +288,18 @@ def _ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_resources(cpus: float, gpus: float) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    for kind, need in (("CPU", cpus), ("GPU", gpus)):
+        if need > have.get(kind, 0.0):
+            raise ConfigError(
+                f"a trial asks for {need:g} {kind}s but this Ray has {have.get(kind, 0.0):g}; "
+                f"lower {kind.lower()}s_per_trial or join a bigger cluster with address=..."
+            )
 
 
 def run_ray(
@@ -350,14 +371,15 @@ def run_ray(
     else:
         sched = FIFOScheduler()
 
-    searcher_cls, callback_cls = _classes()
-    searcher = searcher_cls(controller, static, on_result)
+    searcher = controller_searcher(controller, static, on_result)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, evaluator=evaluator, parse=parse, required=required),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
     # RAY_AIR_NEW_OUTPUT=0: Tune's newer console output prints a table even at verbose=0
     with _ray_session(address), _folder(storage_path) as where, _env(RAY_AIR_NEW_OUTPUT="0"):
+        if address is None:  # a cluster may autoscale; a local Ray would wait forever instead
+            _check_resources(cpus_per_trial, gpus_per_trial)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -372,12 +394,18 @@ def run_ray(
                 name=f"nas-run-{int(time.time())}",
                 storage_path=str(where),
                 verbose=0,
-                callbacks=[callback_cls(searcher)],
+                callbacks=[_classes()[1](searcher)],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
         tuner.fit()
         searcher.flush()
+    if searcher.interrupted:
+        # Tune returns normally after Ctrl-C; the caller must still learn the run is not done.
+        numbers = [c.number for c in searcher.interrupted]
+        raise KeyboardInterrupt(
+            f"Ray Tune stopped before trials {numbers} finished; resuming the run reruns them"
+        )
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ one or several objectives (MOTPE); NSGA-II is Optuna's multi-objective genetic a
 constraint violation reaches both samplers through ``constraints_func``.
 
 Determinism and resume: the sampler is re-created before every ask with a seed derived from
-(seed, number of asks), so the sequence depends only on the seed and the history — which is
+(seed, number of sampler trials), so the sequence depends only on the seed and the history — which is
 exactly what `state_dict` stores.
 """
 
@@ -52,24 +52,28 @@ class OptunaStrategy(Strategy):
                 directions=["minimize"] * self.n_objectives, sampler=self._make_sampler(self.seed)
             )
 
-    def _propose(self) -> Genotype:
+    def _ask_trial(self) -> tuple[Any, Genotype]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental-feature warnings of multivariate TPE
-            self.study.sampler = self._make_sampler(self.seed * 1_000_003 + len(self.asked))
+            n_trials = len(self.study.get_trials(deepcopy=False))  # grows with redraws too
+            self.study.sampler = self._make_sampler(self.seed * 1_000_003 + n_trials)
             trial = self.study.ask()
             values = {d.name: trial.suggest_categorical(d.name, d.choices) for d in self.space.dims}
-        g = self.space.from_dims(values)
-        self._pending.setdefault(g.to_str(), []).append(trial)
-        return g
+        return trial, self.space.from_dims(values)
+
+    def _propose(self) -> Genotype:
+        return self._ask_trial()[1]  # unused: `ask` is overridden to keep the trial
 
     def ask(self) -> Genotype:
-        g = super().ask()
-        # `ask` may redraw: trials of discarded proposals are closed as failed-to-propose
-        for key, trials in list(self._pending.items()):
-            if key != g.to_str() and key not in self.asked:
-                for t in trials:
-                    self.study.tell(t, state=self._optuna.trial.TrialState.FAIL)
-                del self._pending[key]
+        seen = set(self.asked)
+        for attempt in range(self.max_redraws + 1):
+            trial, g = self._ask_trial()
+            if g.to_str() not in seen or attempt == self.max_redraws:
+                break
+            # a repeat of an evaluated genotype: close it so the sampler moves on
+            self.study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
+        self._pending.setdefault(g.to_str(), []).append(trial)
+        self.asked.append(g.to_str())
         return g
 
     def _observe(self, obs: Observation) -> None:
@@ -107,7 +111,9 @@ class OptunaStrategy(Strategy):
         # re-told by the controller on resume.
         opt = self._optuna
         trials = self.study.get_trials(deepcopy=False)
-        finished = [t for t in trials if t.state in (opt.trial.TrialState.COMPLETE, opt.trial.TrialState.FAIL)]
+        finished = [
+            t for t in trials if t.state in (opt.trial.TrialState.COMPLETE, opt.trial.TrialState.FAIL)
+        ]
         exact = len(finished) == len(trials)
         study_attrs = self.study._storage.get_study_system_attrs(self.study._study_id) if exact else {}
         return {
@@ -144,7 +150,7 @@ class OptunaStrategy(Strategy):
 
 
 def _jsonable(v: Any) -> bool:
-    return isinstance(v, (int, float, str, bool, list, dict, type(None)))
+    return isinstance(v, int | float | str | bool | list | tuple | dict | None)
 
 
 @register_strategy

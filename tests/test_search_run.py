@@ -1,0 +1,165 @@
+"""The search loop end to end: store records, failures, constraints, kill -9 and resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from nas.config import SearchConfig
+from nas.controller import SearchController
+from nas.objectives import parse_constraints, parse_objectives
+from nas.runners.local import run_local
+from nas.search import open_store, run_search
+from nas.store import RunStore
+from nas.strategies.base import make_strategy
+from search_spaces import get_space
+
+FAST = dict(space="nb201", dataset="digits", epochs=1, batch_size=128)
+
+
+@dataclass(frozen=True)
+class FlakyEvaluator:
+    """Crashes on some genotypes and returns NaN on others; fine on the rest."""
+
+    def __call__(self, genotype, budget, report):
+        edges = genotype["edges"]
+        if edges[0] == "none":
+            raise RuntimeError("boom: simulated crash")
+        if edges[0] == "skip_connect":
+            return {"val_acc": float("nan"), "params": 1.0}
+        for epoch in range(1, budget + 1):
+            report(epoch, {"val_acc": 0.1 * epoch})
+        return {"val_acc": sum(e.startswith("nor_conv") for e in edges) / 6, "params": 100.0}
+
+
+def make_controller(tmp_path, n_trials=12, objectives="val_acc,params", constraints=None, static=None):
+    space = get_space("nb201")
+    objs, cons = parse_objectives(objectives), parse_constraints(constraints)
+    store = RunStore(f"sqlite:///{tmp_path}/study.db", objs, cons)
+    strategy = make_strategy("random", space, n_objectives=len(objs), seed=0)
+    return SearchController(
+        strategy,
+        store,
+        budget=2,
+        n_trials=n_trials,
+        seed=0,
+        state_path=tmp_path / "state.json",
+        static_metrics=static,
+    )
+
+
+def test_crashing_and_nan_trials_are_recorded_as_failed_and_the_search_goes_on(tmp_path):
+    ctl = make_controller(tmp_path, n_trials=20)
+    run_local(ctl, FlakyEvaluator())
+    df = ctl.store.dataframe()
+    assert len(df) == 20
+    failed = df[df.status == "failed"]
+    crashed = failed[failed.error.str.contains("boom")]
+    nans = failed[failed.error.str.contains("non-finite")]
+    assert len(crashed) > 0 and len(nans) > 0
+    assert (df.status == "complete").sum() == 20 - len(failed)
+    assert set(df[df.status == "failed"].state) == {"FAIL"}
+    front = ctl.store.pareto()
+    assert not front.empty and front.status.eq("complete").all()
+    assert not front.val_acc.isna().any()
+
+
+def test_constraints_are_never_violated_on_the_front_and_cheap_checks_reject(tmp_path):
+    def static(g):  # a size proxy known before training
+        return {"params": float(sum(e == "nor_conv_3x3" for e in g["edges"]))}
+
+    ctl = make_controller(tmp_path, n_trials=10, constraints="params<=2", static=static)
+    run_local(ctl, FlakyEvaluator.__call__.__get__(FlakyEvaluator()))  # plain callable works too
+    df = ctl.store.dataframe()
+    rejected = df[df.status == "rejected"]
+    assert len(rejected) > 0 and rejected.error.str.contains("rejected before training").all()
+    assert ctl.counted() == 10
+    front = ctl.store.pareto()
+    assert (front.violation == 0).all()
+
+
+def test_real_training_search_writes_a_store_dashboard_can_read(tmp_path):
+    cfg = SearchConfig(**FAST, strategy="evolution", trials=3, out=str(tmp_path / "run"))
+    run = run_search(cfg)
+    df = run.store.dataframe()
+    assert list(df.status) == ["complete"] * 3
+    for col in ("val_acc", "params", "flops", "latency_ms", "genotype", "genotype_id", "seed", "budget"):
+        assert col in df.columns and df[col].notna().all()
+    assert ((df.val_acc > 0) & (df.val_acc <= 1)).all()
+    assert (run.out / "pareto.csv").exists() and (run.out / "trials.csv").exists()
+    # the store is a plain Optuna study: Optuna itself opens it
+    import optuna
+
+    study = optuna.load_study(study_name=run.store.study_name, storage=run.store.url)
+    assert len(study.trials) == 3 and study.trials[0].user_attrs["versions"]["torch"]
+    assert all(math.isfinite(t.values[0]) for t in study.trials)
+
+
+def _finished(db):
+    with sqlite3.connect(db) as con:
+        return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+
+
+def test_kill_minus_9_and_resume_loses_and_repeats_nothing(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nas_run",
+        "search",
+        "--space",
+        "nb201",
+        "--dataset",
+        "digits",
+        "--strategy",
+        "evolution",
+        "--trials",
+        "6",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = out / "study.db"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (db.exists() and _finished(db) >= 2):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as con:
+        before = dict(
+            con.execute(
+                "select t.number, v.value from trials t join trial_values v on v.trial_id = t.trial_id "
+                "where t.state = 'COMPLETE' and v.objective = 0"
+            ).fetchall()
+        )
+    assert len(before) >= 2
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nas_run", "search", "--resume", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr
+    df = open_store(out).dataframe()
+    complete = df[df.status == "complete"]
+    assert len(complete) == 6  # nothing lost: exactly the requested evaluations
+    for number, value in before.items():  # finished trials kept, untouched
+        assert complete.set_index("number").loc[number, "val_acc"] == pytest.approx(value)
+    interrupted = df[df.error.str.startswith("interrupted")]
+    assert len(interrupted) <= 1
+    # nothing repeated: every completed genotype once, except an interrupted one re-run once
+    assert complete.genotype.is_unique
+    assert set(interrupted.genotype) <= set(complete.genotype)

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,20 @@ from nas.surrogate import XGBSurrogate  # noqa: E402
 from search_spaces.nb201 import NB201Space, from_index_key  # noqa: E402
 
 
-def baseline(X: np.ndarray, y: np.ndarray, seed: int, n_jobs: int) -> object:
+def baseline(X: np.ndarray, y: np.ndarray, seed: int, jobs: int) -> object:
     import xgboost as xgb
 
-    return xgb.XGBRegressor(n_estimators=500, max_depth=6, random_state=seed, n_jobs=n_jobs).fit(X, y)
+    # XGBoost's defaults otherwise (learning rate 0.3, no subsampling)
+    return xgb.XGBRegressor(n_estimators=500, max_depth=6, random_state=seed, n_jobs=jobs).fit(X, y)
+
+
+def one_hot(keys: list[str]) -> np.ndarray:
+    """(n, 30): the plain one-hot of the 6 edges, from the index keys (digit = op index)."""
+    digits = np.array([[int(c) for c in k] for k in keys])
+    out = np.zeros((len(keys), 30), dtype=np.float32)
+    for edge in range(6):
+        out[np.arange(len(keys)), 5 * edge + digits[:, edge]] = 1.0
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,30 +61,34 @@ def main(argv: list[str] | None = None) -> None:
     genotypes = [from_index_key(k) for k in keys]
     y = np.array([table.query(g)["val_acc"] for g in genotypes])
     X = np.stack([space.encode(g) for g in genotypes])
-    onehot = X[:, :30]  # encode starts with the plain one-hot of the 6 edges
+    onehot = one_hot(keys)
 
-    methods = {
-        "baseline: XGBoost 500x depth 6, one-hot": lambda tr, s: baseline(onehot[tr], y[tr], s, args.jobs),
-        "XGBSurrogate, NB201Space.encode, regression": lambda tr, s: XGBSurrogate(seed=s, n_jobs=args.jobs).fit(
-            X[tr], y[tr]
+    def surrogate(feats: np.ndarray, **params: object) -> Callable[[np.ndarray, int], object]:
+        return lambda tr, s: XGBSurrogate(seed=s, n_jobs=args.jobs, **params).fit(feats[tr], y[tr])
+
+    # name -> (features, fit(train rows, seed) -> model with .predict)
+    methods: dict[str, tuple[np.ndarray, Callable[[np.ndarray, int], object]]] = {
+        "baseline: XGBoost 500 trees depth 6, one-hot": (
+            onehot,
+            lambda tr, s: baseline(onehot[tr], y[tr], s, args.jobs),
         ),
-        "XGBSurrogate, NB201Space.encode, rank": lambda tr, s: XGBSurrogate(
-            objective="rank", seed=s, n_jobs=args.jobs
-        ).fit(X[tr], y[tr]),
+        "XGBSurrogate 1 model, one-hot": (onehot, surrogate(onehot, n_models=1)),
+        "XGBSurrogate 1 model, encode": (X, surrogate(X, n_models=1)),
+        "XGBSurrogate (defaults: 5 models, regression), encode": (X, surrogate(X)),
+        "XGBSurrogate 5 models, rank, encode": (X, surrogate(X, objective="rank")),
     }
     rows = []
     start = time.perf_counter()
     for n in args.sizes:
-        for name, fit in methods.items():
+        for name, (feats, fit) in methods.items():
             taus = []
             for seed in range(args.seeds):
                 perm = np.random.default_rng(seed).permutation(len(keys))
                 train, test = perm[:n], perm[n:]
-                feats = onehot if name.startswith("baseline") else X
                 model = fit(train, seed)
                 taus.append(kendalltau(model.predict(feats[test]), y[test]).statistic)
             rows.append((n, name, float(np.mean(taus)), float(np.std(taus))))
-            print(f"n={n:5d}  {name:48s} tau {rows[-1][2]:.3f} +- {rows[-1][3]:.3f}", flush=True)
+            print(f"n={n:5d}  {name:56s} tau {rows[-1][2]:.3f} +- {rows[-1][3]:.3f}", flush=True)
     elapsed = time.perf_counter() - start
 
     command = "python bench/surrogate_nb201.py " + " ".join(argv if argv is not None else sys.argv[1:])

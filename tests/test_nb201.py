@@ -90,11 +90,14 @@ def test_canonical_key_merges_equivalent_cells() -> None:
     assert canonical_key(from_index_key("333333")) != canonical_key(from_index_key("333332"))
 
 
-def test_encode_shape_and_distinguishes(space: NB201Space) -> None:
+def test_encode_shape_and_function_invariance(space: NB201Space) -> None:
     a, b = space.encode(from_index_key("334131")), space.encode(from_index_key("000000"))
     assert a.shape == b.shape == (space.encoding_size,) and a.dtype == np.float32
     assert not np.array_equal(a, b)
-    assert a[:30].sum() == 6  # the raw one-hot comes first
+    assert a[:30].sum() == 6  # the one-hot of the canonical edges comes first
+    # one function, one vector; another function, another vector
+    assert np.array_equal(space.encode(from_index_key("100030")), space.encode(from_index_key("000300")))
+    assert not np.array_equal(space.encode(from_index_key("000200")), space.encode(from_index_key("000300")))
 
 
 def test_tiny_model_forward_backward(space: NB201Space) -> None:
@@ -152,12 +155,12 @@ def test_tabular_evaluator_deterministic_and_reports() -> None:
 
 def test_surrogate_ranks_a_linear_task() -> None:
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(300, 8)).astype(np.float32)
-    w = rng.normal(size=8)
-    y = X @ w + 0.1 * rng.normal(size=300)
+    X = rng.normal(size=(400, 4)).astype(np.float32)
+    y = X @ rng.normal(size=4) + 0.1 * rng.normal(size=400)
     for objective in ("regression", "rank"):
-        model = XGBSurrogate(n_models=3, objective=objective, seed=1, n_jobs=1).fit(X[:200], y[:200])
-        assert kendalltau(model.predict(X[200:]), y[200:]).statistic > 0.8
-        std = model.predict_std(X[200:])
-        assert std.shape == (100,) and (std >= 0).all() and std.max() > 0
+        model = XGBSurrogate(n_models=3, objective=objective, seed=1, n_jobs=1).fit(X[:250], y[:250])
+        assert kendalltau(model.predict(X[250:]), y[250:]).statistic > 0.8
+        std = model.predict_std(X[250:])
+        assert std.shape == (150,) and (std >= 0).all() and std.max() > 0
     assert XGBSurrogate(max_depth=2).get_params()["max_depth"] == 2
+    assert XGBSurrogate().set_params(n_models=2).n_models == 2

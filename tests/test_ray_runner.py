@@ -125,7 +125,9 @@ def ray_local() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     # The evaluators below live in this test module, which workers cannot import: ship by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+    )
     yield
     ray.shutdown()
 

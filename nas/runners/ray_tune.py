@@ -283,7 +283,8 @@ def _ray_session(address: str | None) -> Iterator[None]:
     if address:
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        # "local": a new instance even when `ray start` runs on this machine (Ray would join it)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     try:
         yield
     finally:

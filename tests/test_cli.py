@@ -1,0 +1,73 @@
+"""The command line: list, user errors (one line, exit 2, no traceback), a real tiny search."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nas_run.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nas_run", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_list_prints_spaces_presets_datasets_and_strategies(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("darts", "nasnet", "nb201", "unireplk", "digits", "mnist1d", "mnist5k", "surrogate", "tpe"):
+        assert name in out
+    assert "preset of nasnet_cell" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["search", "--space", "dart"], "did you mean 'darts'"),
+        (["search", "--dataset", "digitz"], "did you mean 'digits'"),
+        (["search", "--strategy", "tpee"], "did you mean 'tpe'"),
+        (["search", "--runner", "rayy"], "valid: local, ray"),
+        (["search", "--objectives", "val_acc,latncy_ms"], "did you mean 'latency_ms'"),
+        (["search", "--constraint", "params=<5"], "must look like"),
+        (["search", "--trials", "0"], "trials must be a positive integer"),
+        (["search", "--resume", "/nonexistent/run"], "not a run folder"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_config_file_typo_names_the_valid_key(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('space = "nb201"\ntrails = 3\n')
+    assert main(["search", "--config", str(cfg)]) == 2
+    assert "did you mean 'trials'" in capsys.readouterr().err
+    yml = tmp_path / "run.yaml"
+    yml.write_text("space: nb201\nepochs: two\n")
+    assert main(["search", "--config", str(yml)]) == 2
+    assert "epochs in" in capsys.readouterr().err
+
+
+def test_bad_genotype_in_a_subprocess_is_one_line_exit_2(tmp_path):
+    res = run_cli("search", "--space", "nb201", "--dataset", str(tmp_path / "missing.npz"))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and res.stderr.startswith("nas-run: error:")
+
+
+def test_tiny_search_from_a_yaml_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"space: nb201\ndataset: digits\nstrategy: surrogate\ntrials: 3\nepochs: 1\nout: {tmp_path / 'run'}\n"
+        "strategy_options:\n  n_init: 2\n  pool: 50\n"
+    )
+    res = run_cli("search", "--config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "Pareto front" in res.stdout and "optuna-dashboard sqlite:///" in res.stdout
+    assert (tmp_path / "run" / "study.db").exists()
+    again = run_cli("search", "--config", str(cfg))  # same folder: refuse, point at --resume
+    assert again.returncode == 2 and "--resume" in again.stderr

@@ -36,7 +36,7 @@ def one_run(args: tuple[str, int, int, str]) -> tuple[str, int, float, float, li
     best, trace = -np.inf, []
     for _ in range(evals):
         g = strategy.ask()
-        acc = table.query(g)["val_acc"]
+        acc = 100.0 * table.query(g)["val_acc"]  # the table holds fractions; papers quote %
         strategy.tell(g, (-acc,))
         best = max(best, acc)
         trace.append(best)

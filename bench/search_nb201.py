@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/search_nb201.md")
     args = p.parse_args(argv)
 
-    jobs = [(s, seed, args.evals, args.dataset) for s in args.strategies.split(",") for seed in range(args.seeds)]
+    jobs = [
+        (s, seed, args.evals, args.dataset) for s in args.strategies.split(",") for seed in range(args.seeds)
+    ]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(one_run, jobs))
 

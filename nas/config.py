@@ -33,8 +33,8 @@ class SearchConfig:
     # how to search
     strategy: str = "surrogate"
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
-    trials: int = 20
-    epochs: int = 5
+    trials: int = 24
+    epochs: int = 8
     objectives: tuple[str, ...] = ("val_acc", "params")
     constraints: tuple[str, ...] = ()
     seed: int = 0

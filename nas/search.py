@@ -105,6 +105,9 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         threads=max(1, int(cfg.cpus_per_trial)),
+        # test accuracy is measured for the final report only: it is not a valid objective or
+        # constraint (TRAINING_METRICS), so no strategy ever selects on it
+        with_test=True,
     )
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
     strategy = make_strategy(

@@ -11,7 +11,9 @@ from nas_run.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "nas_run", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "nas_run", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_list_prints_spaces_presets_datasets_and_strategies(capsys):

@@ -35,6 +35,8 @@ class FlakyEvaluator:
             raise RuntimeError("boom: simulated crash")
         if edges[0] == "skip_connect":
             return {"val_acc": float("nan"), "params": 1.0}
+        if edges[0] == "avg_pool_3x3":
+            raise MemoryError("simulated: could not allocate tensor")
         for epoch in range(1, budget + 1):
             report(epoch, {"val_acc": 0.1 * epoch})
         return {"val_acc": sum(e.startswith("nor_conv") for e in edges) / 6, "params": 100.0}
@@ -64,7 +66,8 @@ def test_crashing_and_nan_trials_are_recorded_as_failed_and_the_search_goes_on(t
     failed = df[df.status == "failed"]
     crashed = failed[failed.error.str.contains("boom")]
     nans = failed[failed.error.str.contains("non-finite")]
-    assert len(crashed) > 0 and len(nans) > 0
+    ooms = failed[failed.error.str.startswith("out of memory")]
+    assert len(crashed) > 0 and len(nans) > 0 and len(ooms) > 0
     assert (df.status == "complete").sum() == 20 - len(failed)
     assert set(df[df.status == "failed"].state) == {"FAIL"}
     front = ctl.store.pareto()

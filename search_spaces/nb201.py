@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from .base import Dimension, SearchSpace, register_space
-from .errors import GenotypeError
+from .errors import DatasetError, GenotypeError
 from .genotype import Genotype, Value
 
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ class NB201Space(SearchSpace):
 
         ops = _edges(self.validate(g))
         if len(input_shape) != 3:
-            raise GenotypeError(f"nb201 builds image models: input_shape is (C, H, W), got {input_shape}")
+            raise DatasetError(f"nb201 builds image models: input_shape is (C, H, W), got {input_shape}")
         c, n = int(self.options["channels"]), int(self.options["cells_per_stage"])
 
         def relu_conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Module:

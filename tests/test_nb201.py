@@ -45,6 +45,15 @@ def test_nb201_string_round_trip(space: NB201Space) -> None:
         assert from_index_key(to_index_key(h)) == h
 
 
+def test_registered_by_name() -> None:
+    from search_spaces import get_space
+
+    space = get_space("nb201")
+    assert isinstance(space, NB201Space) and space.options == {"channels": 16, "cells_per_stage": 5}
+    assert space.tiny().options == {"channels": 8, "cells_per_stage": 1}
+    assert space.size() == 5**6
+
+
 def test_index_key_digits() -> None:
     g = from_nb201_str(EXAMPLE)
     assert to_index_key(g) == "334131"  # digit = index into OPS, edges in string order

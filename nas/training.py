@@ -135,21 +135,14 @@ class TrainingEvaluator:
         return metrics
 
     def _costs(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        from .cost import measure_latency, profile
+        from .cost import measure, profile
 
-        stats = profile(model, input_shape)
-        out = {
-            "params": float(stats.params),
-            "flops": float(stats.flops),
-            "macs": float(stats.macs),
-            "activations": float(stats.activations),
-        }
-        if self.measure_latency:
-            lat = measure_latency(
+        if self.measure_latency:  # CPU, batch 1: the deployment case FLOPs do not predict
+            return measure(
                 model, input_shape, batch_size=1, threads=self.latency_threads, warmup=3, repeats=15
             )
-            out["latency_ms"] = lat.median_ms
-        return out
+        stats = profile(model, input_shape)
+        return {k: float(getattr(stats, k)) for k in ("params", "flops", "macs", "activations")}
 
 
 def _tensor(array: Any, device: torch.device) -> torch.Tensor:

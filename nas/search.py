@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from search_spaces import ConfigError, SearchSpace, UnknownNameError, get_space
 
 from .config import SearchConfig
@@ -110,9 +112,10 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         with_test=True,
     )
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
-    strategy = make_strategy(
-        cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **dict(cfg.strategy_options)
-    )
+    options = dict(cfg.strategy_options)
+    if cfg.strategy == "surrogate":
+        options.setdefault("stats_fn", _model_statistics(evaluator))
+    strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
 
     out.mkdir(parents=True, exist_ok=True)
     if resume is None or config is not None:
@@ -130,6 +133,17 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         static_metrics=static,
     )
     return SearchRun(out, cfg, store, controller, evaluator, space)
+
+
+def _model_statistics(evaluator: Any) -> Callable[[Any], np.ndarray]:
+    """Cheap model statistics for the surrogate: log10 of parameters and FLOPs of the built
+    (untrained) model; they separate architectures the encoding alone cannot size."""
+
+    def stats(genotype: Any) -> np.ndarray:
+        m = evaluator.static_metrics(genotype)
+        return np.log10(1.0 + np.array([m["params"], m["flops"]]))
+
+    return stats
 
 
 def run_search(

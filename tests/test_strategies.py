@@ -85,3 +85,18 @@ def test_unknown_strategy_names_valid_ones():
 
     with pytest.raises(UnknownNameError, match="did you mean 'evolution'"):
         make_strategy("evolutoin", SPACE)
+
+
+def test_surrogate_uses_cheap_model_statistics_on_a_shortlist():
+    calls = []
+
+    def stats(g):  # exact for the synthetic objective: the surrogate should exploit it
+        calls.append(g.to_str())
+        return [sum(e.startswith("nor_conv") for e in g["edges"])]
+
+    s = make_strategy(
+        "surrogate", SPACE, n_objectives=1, seed=0, stats_fn=stats, shortlist=8, **FAST["surrogate"]
+    )
+    asked = drive(s, 12, n_obj=1)
+    assert len(set(calls)) <= 12 + 7 * 8  # history + shortlists, never the whole pool
+    assert min(objective(g, 1)[0] for g in asked[5:]) <= -5.0

@@ -1,10 +1,11 @@
 """XGBoost-surrogate-guided search: the toolkit's flagship strategy.
 
 After ``n_init`` random trials, every ask (1) fits one `XGBSurrogate` ensemble per objective on
-the finished trials (space encoding + optional cheap model statistics), (2) draws a pool of
-candidates — half uniform samples, half mutants (1–2 steps) of the current best/Pareto
-members — and (3) returns the candidate with the lowest lower-confidence bound
-``mean - kappa * std`` (std across the ensemble members).
+the finished trials' space encodings, (2) draws a pool of candidates — mostly mutants (1–2
+steps) of the current best members, the rest uniform samples — and (3) returns the candidate
+with the lowest lower-confidence bound ``mean - kappa * std`` (std across the ensemble). With a
+``stats_fn`` (cheap model statistics: parameters, FLOPs of the built model), the best
+``shortlist`` candidates are rescored by models fitted on encoding + statistics.
 
 Several objectives: each ask scalarises the normalised predictions with a random weight vector
 by the augmented Chebyshev function (ParEGO, Knowles 2006), so successive asks cover the front.
@@ -42,6 +43,7 @@ class SurrogateGuided(Strategy):
         n_parents: int = 5,
         kappa: float = 0.2,
         stats_fn: Callable[[Genotype], np.ndarray] | None = None,
+        shortlist: int = 24,
         surrogate: dict[str, Any] | None = None,
     ):
         super().__init__(space, n_objectives, seed)
@@ -49,17 +51,21 @@ class SurrogateGuided(Strategy):
         self.n_parents, self.kappa = n_parents, kappa
         self.stats_fn = stats_fn
         self.surrogate_params = dict(surrogate or {})
-        self._features: dict[str, np.ndarray] = {}  # cache by genotype string
+        self.shortlist = shortlist
+        self._features: dict[str, np.ndarray] = {}  # caches by genotype string
+        self._stats: dict[str, np.ndarray] = {}
 
     # -- features ------------------------------------------------------------------------------
-    def features(self, g: Genotype) -> np.ndarray:
+    def features(self, g: Genotype, with_stats: bool = False) -> np.ndarray:
+        """The space's encoding, plus the cheap model statistics when asked (and available)."""
         key = g.to_str()
         if key not in self._features:
-            parts = [self.space.encode(g)]
-            if self.stats_fn is not None:
-                parts.append(np.asarray(self.stats_fn(g), dtype=np.float32).ravel())
-            self._features[key] = np.concatenate(parts)
-        return self._features[key]
+            self._features[key] = self.space.encode(g)
+        if not (with_stats and self.stats_fn is not None):
+            return self._features[key]
+        if key not in self._stats:
+            self._stats[key] = np.asarray(self.stats_fn(g), dtype=np.float32).ravel()
+        return np.concatenate([self._features[key], self._stats[key]])
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> Any:
         from ..surrogate import XGBSurrogate
@@ -103,13 +109,32 @@ class SurrogateGuided(Strategy):
         parents = [done[int(i)][0] for i in order[: self.n_parents]]
 
         cands = self._candidates(parents)
-        X_train = np.stack([self.features(g) for g, _, _ in done])
-        X = np.stack([self.features(g) for g in cands])
+        score = self._score(done, cands, norm, violation, weights, with_stats=False)
+        if self.stats_fn is not None:
+            # Model statistics cost a model build each (10-100 ms), too much for the whole pool:
+            # rescore only the shortlist the encoding-only surrogate likes best.
+            top = np.argsort(score, kind="stable")[: self.shortlist]
+            cands = [cands[int(i)] for i in top]
+            score = self._score(done, cands, norm, violation, weights, with_stats=True)
+        return cands[int(np.argmin(score))]
 
+    def _score(
+        self,
+        done: list[tuple[Genotype, tuple[float, ...], float]],
+        cands: list[Genotype],
+        norm: np.ndarray,
+        violation: np.ndarray,
+        weights: np.ndarray,
+        with_stats: bool,
+    ) -> np.ndarray:
+        """Acquisition (lower is better): augmented Chebyshev of the predicted normalised losses
+        minus ``kappa`` x the ensemble spread, plus a penalty where a violation is predicted."""
+        X_train = np.stack([self.features(g, with_stats) for g, _, _ in done])
+        X = np.stack([self.features(g, with_stats) for g in cands])
         score = np.zeros(len(cands))
         spread = np.zeros(len(cands))
         cheb = np.full(len(cands), -np.inf)
-        for j in range(m):
+        for j in range(self.n_objectives):
             model = self._fit(X_train, norm[:, j])
             mu, sd = model.predict(X), model.predict_std(X)
             cheb = np.maximum(cheb, weights[j] * mu)
@@ -119,7 +144,7 @@ class SurrogateGuided(Strategy):
         if (violation > 0).any():
             pred_violation = self._fit(X_train, violation).predict(X)
             score += np.where(pred_violation > 1e-3, 1e6 + pred_violation, 0.0)
-        return cands[int(np.argmin(score))]
+        return score
 
     def _extra_state(self) -> dict[str, Any]:
         return {}  # the models are refitted from the history at each ask; nothing else to keep

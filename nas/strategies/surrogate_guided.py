@@ -89,8 +89,12 @@ class SurrogateGuided(Strategy):
         for _ in range(self.pool - n_mut):
             g = self.space.sample(self.rng)
             out.setdefault(g.to_str(), g)
-        fresh = [g for k, g in out.items() if k not in seen]
-        return fresh or list(out.values())
+        # Skip genotypes already asked, and those whose encoding equals an asked one's: spaces
+        # may encode equivalent architectures alike (NB201 merges isomorphic cells), and the
+        # surrogate cannot learn anything from evaluating the same function twice.
+        seen_codes = {self.features(self.space.from_str(k)).tobytes() for k in seen}
+        fresh = [g for k, g in out.items() if k not in seen and self.features(g).tobytes() not in seen_codes]
+        return fresh or [g for k, g in out.items() if k not in seen] or list(out.values())
 
     def _propose(self) -> Genotype:
         done = self.finished()

@@ -55,7 +55,7 @@ class Progress:
         front = run.store.pareto()
         cols = [
             c
-            for c in ("number", "val_acc", "params", "flops", "latency_ms", "genotype")
+            for c in ("number", "val_acc", "test_acc", "params", "flops", "latency_ms", "genotype")
             if c in front.columns
         ]
         print(f"\nrun folder: {run.out}   trials: {counts}", file=self.stream)

@@ -70,6 +70,7 @@ def test_tiny_search_from_a_yaml_config(tmp_path):
     res = run_cli("search", "--config", str(cfg))
     assert res.returncode == 0, res.stderr
     assert "Pareto front" in res.stdout and "optuna-dashboard sqlite:///" in res.stdout
+    assert "test_acc" in res.stdout  # measured for the final report
     assert (tmp_path / "run" / "study.db").exists()
     again = run_cli("search", "--config", str(cfg))  # same folder: refuse, point at --resume
     assert again.returncode == 2 and "--resume" in again.stderr

@@ -11,6 +11,7 @@ A run folder holds everything needed to understand and resume it:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,10 +118,16 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         options.setdefault("stats_fn", _model_statistics(evaluator))
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        store = _store_for(cfg, out)
+    except Exception:
+        if created:  # a bad storage URL must not leave a half-made run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if resume is None or config is not None:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-    store = _store_for(cfg, out)
     store.set_meta("config", cfg.to_json())
     static = evaluator.static_metrics if any(c.metric in STATIC_METRICS for c in constraints) else None
     controller = SearchController(

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
+from search_spaces import ConfigError
+
 from .objectives import Constraint, Objective, losses
 from .pareto import pareto_mask
 from .trial import Candidate, TrialResult
@@ -53,9 +55,15 @@ class RunStore:
         self.url, self.study_name = url, study_name
         self.objectives, self.constraints = tuple(objectives), tuple(constraints)
         directions = ["maximize" if o.direction == "max" else "minimize" for o in self.objectives]
-        self.study = optuna.create_study(
-            storage=url, study_name=study_name, directions=directions, load_if_exists=True
-        )
+        try:
+            self.study = optuna.create_study(
+                storage=url, study_name=study_name, directions=directions, load_if_exists=True
+            )
+        except ImportError as exc:  # SQLAlchemy found no driver for the URL's database
+            raise ConfigError(
+                f"storage {url.split('@')[-1]!r} needs a database driver that is not installed "
+                f"({exc}); for PostgreSQL: pip install 'nas-run[postgres]'"
+            ) from None
         if [d.name.lower() for d in self.study.directions] != directions:
             raise ValueError(
                 f"the store at {url} holds objectives with directions "

@@ -74,3 +74,11 @@ def test_tiny_search_from_a_yaml_config(tmp_path):
     assert (tmp_path / "run" / "study.db").exists()
     again = run_cli("search", "--config", str(cfg))  # same folder: refuse, point at --resume
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_storage_without_driver_is_a_user_error_and_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["search", "--space", "nb201", "--storage", "mysql://u:p@127.0.0.1/db", "--out", str(out)]
+    assert main(args) == 2
+    assert "needs a database driver" in capsys.readouterr().err
+    assert not out.exists()

@@ -307,3 +307,24 @@ def test_asking_for_more_gpus_than_ray_has_is_a_config_error(ray_local: None, tm
     with pytest.raises(ConfigError, match="GPU"):
         run_ray(ctl, _evaluator(), gpus_per_trial=1.0, storage_path=tmp_path / "ray")
     assert ctl.store.records() == []  # refused before any trial was opened
+
+
+def test_run_search_with_the_ray_runner(ray_local: None, tmp_path: Path) -> None:
+    """The path `nas-run search --runner ray` takes: config -> run folder -> Tune trials."""
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    cfg = SearchConfig(
+        space="nb201",
+        dataset="digits",
+        strategy="evolution",
+        trials=3,
+        epochs=1,
+        runner="ray",
+        max_concurrent=2,
+        out=str(tmp_path / "run"),
+    )
+    run = run_search(cfg)
+    df = run.store.dataframe()
+    assert len(df) == 3 and set(df.status) <= {"complete", "stopped"}
+    assert (run.out / "ray").is_dir() and (run.out / "pareto.csv").exists()

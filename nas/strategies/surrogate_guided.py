@@ -41,7 +41,7 @@ class SurrogateGuided(Strategy):
         pool: int = 1000,
         mutant_fraction: float = 0.7,
         n_parents: int = 5,
-        kappa: float = 0.2,
+        kappa: float = 1.0,
         stats_fn: Callable[[Genotype], np.ndarray] | None = None,
         shortlist: int = 24,
         surrogate: dict[str, Any] | None = None,

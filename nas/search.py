@@ -32,7 +32,17 @@ from .trial import Candidate, TrialResult
 __all__ = ["SearchRun", "open_store", "prepare_run", "run_search", "TRAINING_METRICS"]
 
 # what `TrainingEvaluator` reports: objectives and constraints must be among these
-TRAINING_METRICS = ("val_acc", "train_loss", "params", "flops", "macs", "activations", "latency_ms", "epochs")
+TRAINING_METRICS = (
+    "val_acc",
+    "train_loss",
+    "params",
+    "flops",
+    "macs",
+    "activations",
+    "latency_ms",
+    "onnx_latency_ms",
+    "epochs",
+)
 STATIC_METRICS = ("params", "flops", "macs")  # known before training: checked before a trial starts
 
 
@@ -111,6 +121,7 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         # test accuracy is measured for the final report only: it is not a valid objective or
         # constraint (TRAINING_METRICS), so no strategy ever selects on it
         with_test=True,
+        onnx_latency="onnx_latency_ms" in {o.metric for o in objectives} | {c.metric for c in constraints},
     )
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
     options = dict(cfg.strategy_options)

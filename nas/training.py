@@ -49,6 +49,7 @@ class TrainingEvaluator:
     threads: int | None = 1
     latency_threads: int = 1  # latency is timed on the CPU, batch 1, this many threads
     measure_latency: bool = True
+    onnx_latency: bool = False  # also time the exported model in ONNX Runtime (onnx_latency_ms)
     with_test: bool = False
     max_train_batches: int | None = None  # cap per epoch, for smoke tests on big data
 
@@ -135,14 +136,17 @@ class TrainingEvaluator:
         return metrics
 
     def _costs(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        from .cost import measure, profile
+        from .cost import measure, measure_latency, profile
 
-        if self.measure_latency:  # CPU, batch 1: the deployment case FLOPs do not predict
-            return measure(
-                model, input_shape, batch_size=1, threads=self.latency_threads, warmup=3, repeats=15
-            )
-        stats = profile(model, input_shape)
-        return {k: float(getattr(stats, k)) for k in ("params", "flops", "macs", "activations")}
+        if not self.measure_latency:
+            stats = profile(model, input_shape)
+            return {k: float(getattr(stats, k)) for k in ("params", "flops", "macs", "activations")}
+        # CPU, batch 1: the deployment case FLOPs do not predict (depthwise, large kernels)
+        out = measure(model, input_shape, batch_size=1, threads=self.latency_threads, warmup=3, repeats=15)
+        if self.onnx_latency:
+            lat = measure_latency(model, input_shape, 1, self.latency_threads, 3, 15, runtime="onnxruntime")
+            out["onnx_latency_ms"] = lat.median_ms
+        return out
 
 
 def _tensor(array: Any, device: torch.device) -> torch.Tensor:

@@ -169,3 +169,15 @@ def test_kill_minus_9_and_resume_loses_and_repeats_nothing(tmp_path):
     # nothing repeated: every completed genotype once, except an interrupted one re-run once
     assert complete.genotype.is_unique
     assert set(interrupted.genotype) <= set(complete.genotype)
+
+
+def test_onnx_runtime_latency_can_be_an_objective(tmp_path):
+    cfg = SearchConfig(
+        **FAST,
+        strategy="random",
+        trials=2,
+        objectives=("val_acc", "onnx_latency_ms"),
+        out=str(tmp_path / "run"),
+    )
+    df = run_search(cfg).store.dataframe()
+    assert (df.status == "complete").all() and (df.onnx_latency_ms > 0).all()

@@ -54,6 +54,7 @@ class SearchRun:
     controller: SearchController
     evaluator: Any
     space: SearchSpace
+    lock: Any = None  # the open lock file: one driver per run folder
 
     def write_tables(self) -> tuple[Path, Path]:
         trials, pareto = self.out / "trials.csv", self.out / "pareto.csv"
@@ -71,6 +72,23 @@ def _store_for(cfg: SearchConfig, out: Path) -> RunStore:
     url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     objectives, constraints = parse_objectives(cfg.objectives), parse_constraints(cfg.constraints)
     return RunStore(url, objectives, constraints, study_name=out.resolve().name)
+
+
+def _lock_run_folder(out: Path) -> Any:
+    """An exclusive lock on the run folder for this driver's lifetime: a second driver (say a
+    `--resume` while the first still runs) would mark the first one's running trials as
+    interrupted. The OS drops the lock when the process dies, kill -9 included."""
+    import fcntl
+
+    handle = open(out / ".driver.lock", "w")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"another nas-run process is driving {str(out)!r}; wait for it or stop it"
+        ) from None
+    return handle
 
 
 def open_store(run_dir: str | Path) -> RunStore:
@@ -131,6 +149,7 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_folder(out)
     try:
         store = _store_for(cfg, out)
     except Exception:
@@ -150,7 +169,7 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         state_path=out / "strategy_state.json",
         static_metrics=static,
     )
-    return SearchRun(out, cfg, store, controller, evaluator, space)
+    return SearchRun(out, cfg, store, controller, evaluator, space, lock)
 
 
 def _model_statistics(evaluator: Any) -> Callable[[Any], np.ndarray]:
@@ -171,27 +190,32 @@ def run_search(
 ) -> SearchRun:
     run = prepare_run(config, resume)
     cfg = run.config
-    if cfg.runner == "ray":
-        from .runners.ray_tune import run_ray
+    try:
+        if cfg.runner == "ray":
+            from .runners.ray_tune import run_ray
 
-        multi = len(run.controller.objectives) > 1
-        scheduler = cfg.scheduler if cfg.scheduler != "auto" else ("mo-asha" if multi else "asha")
-        run_ray(
-            run.controller,
-            run.evaluator,
-            cpus_per_trial=cfg.cpus_per_trial,
-            gpus_per_trial=cfg.gpus_per_trial,
-            max_concurrent=cfg.max_concurrent,
-            address=cfg.ray_address,
-            scheduler=scheduler,
-            grace_period=cfg.grace_period,
-            reduction_factor=cfg.reduction_factor,
-            storage_path=str((run.out / "ray").resolve()),
-            on_result=on_result,
-        )
-    else:
-        from .runners.local import run_local
+            multi = len(run.controller.objectives) > 1
+            scheduler = cfg.scheduler if cfg.scheduler != "auto" else ("mo-asha" if multi else "asha")
+            run_ray(
+                run.controller,
+                run.evaluator,
+                cpus_per_trial=cfg.cpus_per_trial,
+                gpus_per_trial=cfg.gpus_per_trial,
+                max_concurrent=cfg.max_concurrent,
+                address=cfg.ray_address,
+                scheduler=scheduler,
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+                storage_path=str((run.out / "ray").resolve()),
+                on_result=on_result,
+            )
+        else:
+            from .runners.local import run_local
 
-        run_local(run.controller, run.evaluator, on_result=on_result)
+            run_local(run.controller, run.evaluator, on_result=on_result)
+    except KeyboardInterrupt:
+        # the store already holds every finished trial; tell the user where to pick up
+        run.write_tables()
+        raise KeyboardInterrupt(f"nas-run search --resume {run.out}") from None
     run.write_tables()
     return run

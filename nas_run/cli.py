@@ -137,8 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NasRunError as exc:
         print(f"nas-run: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nas-run: interrupted; continue with --resume DIR", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        how = str(exc) or "nas-run search --resume DIR"
+        print(f"nas-run: interrupted; finished trials are saved; continue with: {how}", file=sys.stderr)
         return 130
 
 

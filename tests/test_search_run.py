@@ -181,3 +181,15 @@ def test_onnx_runtime_latency_can_be_an_objective(tmp_path):
     )
     df = run_search(cfg).store.dataframe()
     assert (df.status == "complete").all() and (df.onnx_latency_ms > 0).all()
+
+
+def test_a_second_driver_on_the_same_run_folder_is_refused(tmp_path):
+    from nas.search import prepare_run
+    from search_spaces import ConfigError
+
+    cfg = SearchConfig(**FAST, strategy="random", trials=1, out=str(tmp_path / "run"))
+    first = prepare_run(cfg)
+    with pytest.raises(ConfigError, match="another nas-run process"):
+        prepare_run(None, resume=first.out)
+    first.lock.close()  # the driver ends: the folder can be resumed
+    assert prepare_run(None, resume=first.out).controller.remaining() == 1

@@ -68,6 +68,10 @@ class SearchController:
             g = self.strategy.space.from_str(rec["genotype"])
             self._tell(rec["number"], g, rec["status"], rec["metrics"], rec.get("violation") or 0.0)
             self.resumed_told += 1
+        # counted once here, then kept up to date by `finish` (no store scan per ask)
+        self._counted = sum(
+            self._uses_evaluation(r["status"], str(r.get("error") or "")) for r in self.store.records()
+        )
         self._save()
 
     def _save(self) -> None:
@@ -78,11 +82,11 @@ class SearchController:
     # -- counts --------------------------------------------------------------------------------
     def counted(self) -> int:
         """Finished trials that used an evaluation (interrupted and rejected ones excluded)."""
-        return sum(
-            1
-            for r in self.store.records()
-            if r["status"] in _COUNTED and not str(r.get("error", "")).startswith("interrupted")
-        )
+        return self._counted
+
+    @staticmethod
+    def _uses_evaluation(status: str, error: str) -> bool:
+        return status in _COUNTED and not error.startswith("interrupted")
 
     def remaining(self) -> int:
         return self.n_trials - self.counted() - len(self.in_flight)
@@ -137,6 +141,7 @@ class SearchController:
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
         violation = self.store.finish(candidate, result)
         self.in_flight.pop(candidate.number, None)
+        self._counted += self._uses_evaluation(result.status, result.error)
         self._tell(candidate.number, candidate.genotype, result.status, result.metrics, violation)
         self._save()
 

@@ -62,16 +62,15 @@ class SearchController:
         for rec in self.store.interrupted():
             self.told.add(rec["number"])  # its FAIL row is bookkeeping, not a result to learn from
             self.requeued.append((self.strategy.space.from_str(rec["genotype"]), rec.get("policy", "")))
-        for rec in self.store.records():
+        records = self.store.records()
+        for rec in records:
             if rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
                 continue
             g = self.strategy.space.from_str(rec["genotype"])
             self._tell(rec["number"], g, rec["status"], rec["metrics"], rec.get("violation") or 0.0)
             self.resumed_told += 1
         # counted once here, then kept up to date by `finish` (no store scan per ask)
-        self._counted = sum(
-            self._uses_evaluation(r["status"], str(r.get("error") or "")) for r in self.store.records()
-        )
+        self._counted = sum(self._uses_evaluation(r["status"], str(r.get("error") or "")) for r in records)
         self._save()
 
     def _save(self) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
+import numpy as np
+
 from search_spaces import ConfigError
 
 from .objectives import Constraint, Objective, losses
@@ -202,8 +204,6 @@ class RunStore:
         m = len(self.objectives)
         arr = [x if x is not None else (math.inf,) * m for x in ls]
         feasible = [bool(ok[i]) and not (done.loc[i, "violation"] or 0) > 0 for i in range(len(done))]
-        import numpy as np
-
         mask = pareto_mask(np.array(arr, dtype=float).reshape(len(arr), m), np.array(feasible))
         front = done[mask]
         first = self.objectives[0]

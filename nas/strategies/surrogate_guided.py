@@ -67,6 +67,12 @@ class SurrogateGuided(Strategy):
             self._stats[key] = np.asarray(self.stats_fn(g), dtype=np.float32).ravel()
         return np.concatenate([self._features[key], self._stats[key]])
 
+    def _encoded(self, key: str) -> np.ndarray:
+        """Encoding by genotype string; parses only strings not seen before (hot path)."""
+        if key not in self._features:
+            self._features[key] = self.space.encode(self.space.from_str(key))
+        return self._features[key]
+
     def _fit(self, X: np.ndarray, y: np.ndarray) -> Any:
         from ..surrogate import XGBSurrogate
 
@@ -92,7 +98,7 @@ class SurrogateGuided(Strategy):
         # Skip genotypes already asked, and those whose encoding equals an asked one's: spaces
         # may encode equivalent architectures alike (NB201 merges isomorphic cells), and the
         # surrogate cannot learn anything from evaluating the same function twice.
-        seen_codes = {self.features(self.space.from_str(k)).tobytes() for k in seen}
+        seen_codes = {self._encoded(k).tobytes() for k in seen}
         fresh = [g for k, g in out.items() if k not in seen and self.features(g).tobytes() not in seen_codes]
         return fresh or [g for k, g in out.items() if k not in seen] or list(out.values())
 

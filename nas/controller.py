@@ -59,9 +59,15 @@ class SearchController:
             saved = json.loads(self.state_path.read_text())
             self.strategy.load_state_dict(saved["strategy"])
             self.told = set(saved["told"])
+        else:
+            saved = {}
         for rec in self.store.interrupted():
             self.told.add(rec["number"])  # its FAIL row is bookkeeping, not a result to learn from
-            self.requeued.append((self.strategy.space.from_str(rec["genotype"]), rec.get("policy", "")))
+            if rec.get("genotype"):  # rows of older stores may lack it (see RunStore.start)
+                self._requeue(rec["genotype"], rec.get("policy", ""))
+        # proposed (or requeued) and saved, but not yet running when the driver died
+        for genotype_str, policy in saved.get("requeued", []):
+            self._requeue(genotype_str, policy)
         records = self.store.records()
         for rec in records:
             if rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
@@ -73,9 +79,23 @@ class SearchController:
         self._counted = sum(self._uses_evaluation(r["status"], str(r.get("error") or "")) for r in records)
         self._save()
 
-    def _save(self) -> None:
+    def _requeue(self, genotype_str: str, policy: str) -> None:
+        genotype = self.strategy.space.from_str(genotype_str)
+        if (genotype, policy) not in self.requeued:
+            self.requeued.append((genotype, policy))
+
+    def _save(self, pending: tuple[Genotype, str] | None = None) -> None:
+        """Write the strategy's state and the candidates still to run. `pending` is one whose
+        trial is about to be opened: saved first, so a kill before the store write loses nothing,
+        and one just after it is deduplicated against the interrupted trial on resume."""
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"strategy": self.strategy.state_dict(), "told": sorted(self.told)}))
+        todo = [*self.requeued, *([pending] if pending else [])]
+        state = {
+            "strategy": self.strategy.state_dict(),
+            "told": sorted(self.told),
+            "requeued": [[g.to_str(), policy] for g, policy in todo],
+        }
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)  # atomic: a kill never leaves half a file
 
     # -- counts --------------------------------------------------------------------------------
@@ -96,9 +116,11 @@ class SearchController:
         run's evaluations are all started."""
         if self.remaining() <= 0:
             return None
-        if self.requeued:
+        # interrupted ones first, checked again: a kill mid-rejection requeues a too-big one
+        while self.requeued:
             genotype, policy = self.requeued.pop(0)
-            return self._open(genotype, policy)
+            if self._passes_cheap_checks(genotype, policy):
+                return self._open(genotype, policy)
         for _ in range(self.max_rejections):
             genotype = self.strategy.ask()
             if self._passes_cheap_checks(genotype):
@@ -109,6 +131,7 @@ class SearchController:
         )
 
     def _open(self, genotype: Genotype, policy: str) -> Candidate:
+        self._save(pending=(genotype, policy))
         number = self.store.start(
             genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
         )
@@ -117,7 +140,7 @@ class SearchController:
         self._save()
         return cand
 
-    def _passes_cheap_checks(self, genotype: Genotype) -> bool:
+    def _passes_cheap_checks(self, genotype: Genotype, policy: str = "") -> bool:
         """Evolving Normalization-Activation Layers-style rejection: constraints on metrics we
         can compute without training (params, FLOPs) are checked before a trial starts."""
         if self.static_metrics is None or not self.constraints:
@@ -127,12 +150,15 @@ class SearchController:
         broken = [c for c in checkable if not c.satisfied(static)]
         if not broken:
             return True
-        number = self.store.start(genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed)
+        self._save(pending=(genotype, policy))
+        number = self.store.start(
+            genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
+        )
         why = "rejected before training: " + ", ".join(
             f"{c} ({c.metric}={static[c.metric]:g})" for c in broken
         )
         result = TrialResult("rejected", static, (), why, 0.0)
-        violation = self.store.finish(Candidate(genotype, self.budget, number), result)
+        violation = self.store.finish(Candidate(genotype, self.budget, number, policy), result)
         self._tell(number, genotype, "rejected", static, violation)
         self._save()
         return False

@@ -95,8 +95,7 @@ class RunStore:
         policy: str = "",
         stage: str = "search",
     ) -> int:
-        trial = self.study.ask()
-        for key, value in {
+        attrs = {
             "genotype": genotype_str,
             "genotype_id": genotype_id,
             "policy": policy,
@@ -105,10 +104,18 @@ class RunStore:
             "budget": budget,
             "seed": seed,
             "versions": self._versions,
-        }.items():
-            trial.set_user_attr(key, value)
-        self._open[trial.number] = trial
-        return trial.number
+        }
+        # One write for the row and its record: `study.ask()` + `set_user_attr` per key would be
+        # several transactions, and a driver killed between them left a RUNNING trial without
+        # its genotype (seen in CI). Optuna's public `add_trial` returns no number, so this uses
+        # the storage call behind it, which returns the new trial.
+        template = self._optuna.trial.create_trial(
+            state=self._optuna.trial.TrialState.RUNNING, user_attrs=attrs
+        )
+        trial_id = self.study._storage.create_new_trial(self.study._study_id, template_trial=template)
+        number = self.study._storage.get_trial_number_from_id(trial_id)
+        self._open[number] = self._optuna.trial.Trial(self.study, trial_id)
+        return number
 
     def _trial(self, number: int) -> Any:
         if number not in self._open:

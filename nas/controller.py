@@ -61,14 +61,21 @@ class SearchController:
             self.told = set(saved["told"])
         else:
             saved = {}
-        for rec in self.store.interrupted():
+        interrupted = self.store.interrupted()
+        records = self.store.records()
+        self._rows = len(records)
+        for rec in interrupted:
             self.told.add(rec["number"])  # its FAIL row is bookkeeping, not a result to learn from
             if rec.get("genotype"):  # rows of older stores may lack it (see RunStore.start)
                 self._requeue(rec["genotype"], rec.get("policy", ""))
-        # proposed (or requeued) and saved, but not yet running when the driver died
+        # Saved to run next when the driver died. One whose trial row appeared after the save
+        # got as far as the store: it is requeued above if it was running, done if it finished
+        # (a kill between recording a rejection and saving must not reject it twice).
+        rows_at_save = saved.get("rows", len(records))
+        opened = {(r["genotype"], r["policy"]) for r in records[rows_at_save:]}
         for genotype_str, policy in saved.get("requeued", []):
-            self._requeue(genotype_str, policy)
-        records = self.store.records()
+            if (genotype_str, policy) not in opened:
+                self._requeue(genotype_str, policy)
         for rec in records:
             if rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
                 continue
@@ -94,6 +101,7 @@ class SearchController:
             "strategy": self.strategy.state_dict(),
             "told": sorted(self.told),
             "requeued": [[g.to_str(), policy] for g, policy in todo],
+            "rows": self._rows,  # store rows when saved: tells resume whether `pending` was opened
         }
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)  # atomic: a kill never leaves half a file
@@ -135,6 +143,7 @@ class SearchController:
         number = self.store.start(
             genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
         )
+        self._rows = number + 1
         cand = Candidate(genotype, self.budget, number, policy)
         self.in_flight[number] = cand
         self._save()
@@ -154,6 +163,7 @@ class SearchController:
         number = self.store.start(
             genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
         )
+        self._rows = number + 1
         why = "rejected before training: " + ", ".join(
             f"{c} ({c.metric}={static[c.metric]:g})" for c in broken
         )

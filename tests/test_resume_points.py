@@ -66,37 +66,52 @@ def kill_at(store, method, call, after):
     setattr(store, method, wrapped)
 
 
-def finished(folder):
-    df = RunStore(f"sqlite:///{folder}/study.db", parse_objectives("val_acc,params")).dataframe()
-    return df[df.status == "complete"]
+def trials(folder):
+    return RunStore(f"sqlite:///{folder}/study.db", parse_objectives("val_acc,params")).dataframe()
+
+
+def proposals(df):
+    """The run's rows in order, without the bookkeeping rows of interrupted trials."""
+    return [(r.genotype, r.status) for r in df.itertuples() if not r.error.startswith("interrupted")]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    run_local(make_controller(folder), evaluate)
-    done = finished(folder)
-    assert len(done) == N_TRIALS
-    return sorted(done.genotype)
+    runs = {}
+    for strategy in STRATEGIES:
+        folder = tmp_path_factory.mktemp(f"reference-{strategy}")
+        run_local(make_controller(folder, strategy), evaluate)
+        df = trials(folder)
+        assert (df.status == "complete").sum() == N_TRIALS
+        assert (df.status == "rejected").any()  # the kill points below cover the rejection path
+        runs[strategy] = proposals(df)
+    return runs
 
 
-@pytest.mark.parametrize("after", [False, True], ids=["before-write", "after-write"])
-@pytest.mark.parametrize(
-    "method,call", [("start", c) for c in range(1, 9)] + [("finish", c) for c in (1, 3, 5)]
-)
-def test_a_kill_at_any_store_write_resumes_to_the_same_run(tmp_path, reference, method, call, after):
-    controller = make_controller(tmp_path)
-    kill_at(controller.store, method, call, after)
-    with pytest.raises(Killed):
-        run_local(controller, evaluate)
+STRATEGIES = ("random", "evolution", "tpe", "nsga2", "surrogate")
+KILL_POINTS = [("start", c) for c in range(1, 9)] + [("finish", c) for c in range(1, 6)]
 
-    run_local(make_controller(tmp_path), evaluate)
 
-    done = finished(tmp_path)
-    assert len(done) == N_TRIALS  # nothing lost
-    assert done.genotype.is_unique  # nothing trained twice
-    assert sorted(done.genotype) == reference  # the strategy went on exactly where it stopped
-    assert (done.params <= 300).all()  # a kill mid-rejection does not train a too-big model
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_kill_at_any_store_write_resumes_to_the_same_run(tmp_path, reference, strategy):
+    for method, call in KILL_POINTS:
+        for after in (False, True):
+            folder = tmp_path / f"{method}-{call}-{after}"
+            folder.mkdir()
+            controller = make_controller(folder, strategy)
+            kill_at(controller.store, method, call, after)
+            with pytest.raises(Killed):
+                run_local(controller, evaluate)
+
+            run_local(make_controller(folder, strategy), evaluate)
+
+            df, where = trials(folder), f"killed {'after' if after else 'before'} {method} #{call}"
+            done = df[df.status == "complete"]
+            assert len(done) == N_TRIALS, where  # nothing lost
+            assert done.genotype.is_unique, where  # nothing trained twice
+            # the strategy went on exactly where it stopped, and nothing was rejected twice
+            assert proposals(df) == reference[strategy], where
+            assert (done.params <= 300).all(), where  # a kill mid-rejection trains no too-big model
 
 
 def test_a_second_kill_before_the_requeued_trial_runs_loses_nothing(tmp_path, reference):
@@ -111,5 +126,4 @@ def test_a_second_kill_before_the_requeued_trial_runs_loses_nothing(tmp_path, re
         run_local(second, evaluate)
 
     run_local(make_controller(tmp_path), evaluate)
-    done = finished(tmp_path)
-    assert sorted(done.genotype) == reference
+    assert proposals(trials(tmp_path)) == reference["evolution"]

@@ -17,6 +17,8 @@ def format_metric(name: str, value: float) -> str:
             if abs(value) >= div:
                 return f"{name}={value / div:.2f}{unit}"
         return f"{name}={value:.0f}"
+    if name.endswith("_ms"):  # fixed decimals: "1.00" reads as a latency, "1" looked like a count
+        return f"{name}={value:.3f}" if abs(value) < 10 else f"{name}={value:.1f}"
     return f"{name}={value:.3g}"
 
 

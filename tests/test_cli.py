@@ -82,3 +82,12 @@ def test_storage_without_driver_is_a_user_error_and_leaves_no_folder(tmp_path, c
     assert main(args) == 2
     assert "needs a database driver" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_progress_lines_format_metrics_by_kind():
+    from nas_run.progress import format_metric
+
+    assert format_metric("val_acc", 0.94249) == "val_acc=0.9425"
+    assert format_metric("params", 6370) == "params=6.37k"
+    assert format_metric("latency_ms", 1.003887) == "latency_ms=1.004"  # was "1" with :.3g
+    assert format_metric("onnx_latency_ms", 123.45) == "onnx_latency_ms=123.5"

@@ -55,6 +55,7 @@ class SearchRun:
     evaluator: Any
     space: SearchSpace
     lock: Any = None  # the open lock file: one driver per run folder
+    created: bool = False  # this call made the folder (not a resume, not a pre-made --out)
 
     def write_tables(self) -> tuple[Path, Path]:
         trials, pareto = self.out / "trials.csv", self.out / "pareto.csv"
@@ -142,6 +143,10 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         onnx_latency="onnx_latency_ms" in {o.metric for o in objectives} | {c.metric for c in constraints},
     )
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
+    if cfg.runner == "ray":  # so does a cluster address nothing answers at
+        from .runners.ray_tune import check_ray_address
+
+        check_ray_address(cfg.ray_address)
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
         options.setdefault("stats_fn", _model_statistics(evaluator))
@@ -169,7 +174,7 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         state_path=out / "strategy_state.json",
         static_metrics=static,
     )
-    return SearchRun(out, cfg, store, controller, evaluator, space, lock)
+    return SearchRun(out, cfg, store, controller, evaluator, space, lock, created)
 
 
 def _model_statistics(evaluator: Any) -> Callable[[Any], np.ndarray]:
@@ -213,6 +218,14 @@ def run_search(
             from .runners.local import run_local
 
             run_local(run.controller, run.evaluator, on_result=on_result)
+    except ConfigError:
+        # raised before any trial ran (Ray could not join the cluster, too few CPUs): a new,
+        # empty run folder would only make the corrected command refuse its --out
+        if run.created and not run.store.records():
+            if run.lock is not None:
+                run.lock.close()
+            shutil.rmtree(run.out, ignore_errors=True)
+        raise
     except KeyboardInterrupt:
         # the store already holds every finished trial; tell the user where to pick up
         run.write_tables()

@@ -91,3 +91,38 @@ def test_progress_lines_format_metrics_by_kind():
     assert format_metric("params", 6370) == "params=6.37k"
     assert format_metric("latency_ms", 1.003887) == "latency_ms=1.004"  # was "1" with :.3g
     assert format_metric("onnx_latency_ms", 123.45) == "onnx_latency_ms=123.5"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then released: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "no-port-here"])
+def test_a_ray_address_nothing_answers_at_fails_fast_and_leaves_no_folder(tmp_path, address):
+    out = tmp_path / "run"
+    address = address.format(port=_closed_port())
+    done = run_cli(
+        "search", "--space", "nb201", "--dataset", "digits", "--runner", "ray",
+        "--ray-address", address, "--trials", "1", "--epochs", "1", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and f"--ray-address {address!r}" in done.stderr
+    assert not out.exists()
+
+
+def test_ray_address_auto_without_a_cluster_is_a_user_error(monkeypatch):
+    import ray._private.services as services
+
+    from nas.runners.ray_tune import check_ray_address
+    from search_spaces import ConfigError
+
+    def no_cluster(*args, **kwargs):  # what Ray raises when no `ray start` ran on this machine
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address_or_die", no_cluster)
+    with pytest.raises(ConfigError, match="no Ray cluster runs on this machine"):
+        check_ray_address("auto")

@@ -328,3 +328,16 @@ def test_run_search_with_the_ray_runner(ray_local: None, tmp_path: Path) -> None
     df = run.store.dataframe()
     assert len(df) == 3 and set(df.status) <= {"complete", "stopped"}
     assert (run.out / "ray").is_dir() and (run.out / "pareto.csv").exists()
+
+
+def test_a_run_refused_before_its_first_trial_leaves_no_folder(ray_local: None, tmp_path: Path) -> None:
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    cfg = SearchConfig(
+        space="nb201", dataset="digits", trials=1, epochs=1, runner="ray", gpus_per_trial=1.0,
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="GPU"):
+        run_search(cfg)
+    assert not (tmp_path / "run").exists()  # the corrected command may use the same --out

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -270,6 +271,36 @@ def controller_searcher(
 
 
 # -- the entry point -------------------------------------------------------------------------------
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a one-line error, on a cluster address nothing answers at: `ray.init`
+    itself retries for minutes on an unreachable host:port and raises a traceback for "auto"
+    when no cluster runs on this machine."""
+    if not address or address == "local":
+        return
+    if address == "auto":
+        import ray
+
+        try:  # reads RAY_ADDRESS or the address file `ray start --head` leaves on this machine
+            address = ray._private.services.canonicalize_bootstrap_address_or_die("auto")
+        except AttributeError:  # a Ray without this private helper: `ray.init` decides
+            return
+        except ConnectionError:
+            raise ConfigError(
+                "--ray-address auto: no Ray cluster runs on this machine; start one with "
+                "`ray start --head`, give its host:port, or leave the address out for a local Ray"
+            ) from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected host:port (or 'auto'), e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--ray-address {address!r}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "is `ray start --head` running on that machine and the port open?"
+        ) from None
+
+
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[None]:
     """Join ``address`` (a cluster started with ``ray start --head``), or start a local Ray;
@@ -281,7 +312,10 @@ def _ray_session(address: str | None) -> Iterator[None]:
         return
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "ignore_reinit_error": True}
     if address:
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as exc:
+            raise ConfigError(f"--ray-address {address!r}: {exc}") from None
     else:
         # "local": a new instance even when `ray start` runs on this machine (Ray would join it)
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)

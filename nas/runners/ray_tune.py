@@ -315,7 +315,12 @@ def _ray_session(address: str | None) -> Iterator[None]:
         try:
             ray.init(address=address, **quiet)
         except ConnectionError as exc:
-            raise ConfigError(f"--ray-address {address!r}: {exc}") from None
+            # the usual cause when the port answers: Ray >= 2.59 turns token authentication on
+            # for clusters made by `ray start`, and a driver joining by host:port sends no token
+            raise ConfigError(
+                f"--ray-address {address!r}: {exc}; if the cluster uses token authentication, "
+                "set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, or the head's ~/.ray/auth_token) here"
+            ) from None
     else:
         # "local": a new instance even when `ray start` runs on this machine (Ray would join it)
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)

@@ -117,6 +117,8 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
     else:
         cfg = config or SearchConfig()
         out = Path(cfg.out) if cfg.out else _default_out(cfg)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the run")
         if (out / "config.json").exists():
             raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume {out}")
 
@@ -153,7 +155,10 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
 
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only place, a file on the path, ...
+        raise ConfigError(f"cannot create the run folder {str(out)!r}: {exc.strerror or exc}") from None
     lock = _lock_run_folder(out)
     try:
         store = _store_for(cfg, out)

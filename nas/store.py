@@ -66,6 +66,16 @@ class RunStore:
                 f"storage {url.split('@')[-1]!r} needs a database driver that is not installed "
                 f"({exc}); for PostgreSQL: pip install 'nas-run[postgres]'"
             ) from None
+        except Exception as exc:  # noqa: BLE001 - narrowed to SQLAlchemy's own errors below
+            if type(exc).__module__.split(".")[0] != "sqlalchemy":
+                raise
+            # a malformed URL (ArgumentError) or a database that does not answer (OperationalError);
+            # the part before '@' may hold a password: never echo it
+            raise ConfigError(
+                f"storage {url.split('@')[-1]!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
+                "expected a SQLAlchemy URL such as sqlite:///path/study.db or "
+                "postgresql://user:password@host/db, of a database that answers"
+            ) from None
         if [d.name.lower() for d in self.study.directions] != directions:
             raise ValueError(
                 f"the store at {url} holds objectives with directions "

@@ -35,6 +35,9 @@ def test_list_prints_spaces_presets_datasets_and_strategies(capsys):
         (["search", "--constraint", "params=<5"], "must look like"),
         (["search", "--trials", "0"], "trials must be a positive integer"),
         (["search", "--resume", "/nonexistent/run"], "not a run folder"),
+        (["search", "--out", __file__], "is a file; give a folder"),
+        (["search", "--dataset", "digits", "--out", __file__ + "/run"], "cannot create the run folder"),
+        (["search", "--dataset", "digits", "--storage", "nonsense"], "expected a SQLAlchemy URL"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(capsys, args, message):

@@ -100,3 +100,30 @@ def test_surrogate_uses_cheap_model_statistics_on_a_shortlist():
     asked = drive(s, 12, n_obj=1)
     assert len(set(calls)) <= 12 + 7 * 8  # history + shortlists, never the whole pool
     assert min(objective(g, 1)[0] for g in asked[5:]) <= -5.0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "message"),
+    [
+        ("surrogate", {"poll": 5}, "did you mean 'pool'"),
+        ("surrogate", {"kappa": "x"}, "must be a float"),
+        ("surrogate", {"pool": 0}, "pool"),
+        ("evolution", {"population": 1}, "population >= 2"),
+        ("tpe", {"n_startup": 3}, "did you mean 'n_startup_trials'"),
+        ("tpe", {"n_startup_trials": 3.5}, "must be an int"),
+        ("nsga2", {"population_size": True}, "must be an int"),
+        ("random", {"x": 1}, "takes no options"),
+    ],
+)
+def test_bad_strategy_options_are_config_errors_naming_the_valid_ones(strategy, options, message):
+    from search_spaces.errors import NasRunError  # ConfigError, or UnknownNameError for names
+
+    with pytest.raises(NasRunError, match=message):
+        make_strategy(strategy, get_space("nb201"), seed=0, **options)
+
+
+def test_valid_strategy_options_reach_the_strategy():
+    space = get_space("nb201")
+    assert make_strategy("surrogate", space, pool=50, kappa=0, seed=0).kappa == 0  # int for a float
+    tpe = make_strategy("tpe", space, n_startup_trials=3, seed=0)
+    assert tpe._make_sampler(0)._n_startup_trials == 3

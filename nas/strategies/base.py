@@ -9,13 +9,14 @@ failed (crashed, NaN, out of memory) and tells the strategy only to avoid that g
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from search_spaces import Genotype, SearchSpace, UnknownNameError
+from search_spaces import ConfigError, Genotype, SearchSpace, UnknownNameError
 
 __all__ = [
     "Observation",
@@ -37,6 +38,11 @@ class Strategy(ABC):
     description: ClassVar[str] = ""
     # proposals are redrawn this many times to avoid re-proposing a genotype already asked
     max_redraws: ClassVar[int] = 50
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The options a user may set (config `strategy_options`), with their defaults."""
+        return _keyword_defaults(cls.__init__, skip=("self", "space", "n_objectives", "seed"))
 
     def __init__(self, space: SearchSpace, n_objectives: int = 1, seed: int = 0):
         self.space = space
@@ -123,7 +129,50 @@ def make_strategy(
     _load_builtin()
     if name not in _REGISTRY:
         raise UnknownNameError("strategy", name, _REGISTRY)
-    return _REGISTRY[name](space, n_objectives=n_objectives, seed=seed, **params)
+    cls = _REGISTRY[name]
+    _check_options(name, cls.options(), params)
+    try:
+        return cls(space, n_objectives=n_objectives, seed=seed, **params)
+    except (TypeError, ValueError) as exc:  # a value the type check let through, e.g. pool=0
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"strategy {name!r}: {exc}") from None
+
+
+def _keyword_defaults(func: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        k: p.default
+        for k, p in inspect.signature(func).parameters.items()
+        if k not in skip and p.kind in kinds
+    }
+
+
+def _check_options(name: str, allowed: dict[str, Any], given: dict[str, Any]) -> None:
+    """Unknown option names name the valid ones; a value must have its default's type (an int
+    for an int, a number for a float, a bool for a bool) so a typo fails now, not at ask 11."""
+    for key, value in given.items():
+        if not allowed:
+            raise ConfigError(f"strategy {name!r} takes no options, got {key!r}")
+        if key not in allowed:
+            raise UnknownNameError(f"option of strategy {name!r}", key, allowed)
+        default = allowed[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:  # None or no default: the strategy checks it
+            ok = True
+        if not ok:
+            kind = type(default).__name__
+            raise ConfigError(
+                f"option {key!r} of strategy {name!r} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                f"(default {default!r}), got {value!r}"
+            )
 
 
 def list_strategies() -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from search_spaces import Genotype, SearchSpace
 
-from .base import Observation, Strategy, register_strategy
+from .base import Observation, Strategy, _keyword_defaults, register_strategy
 
 __all__ = ["OptunaStrategy", "TPEStrategy", "NSGA2Strategy"]
 
@@ -42,8 +42,27 @@ class OptunaStrategy(Strategy):
         self._pending: dict[str, list[Any]] = {}  # genotype string -> open optuna trials
         self._new_study()
 
+    # the Optuna sampler class (by name) and our defaults for its options
+    sampler_name: str = ""
+    sampler_defaults: dict[str, Any] = {}
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The sampler's own keyword options (seed and constraints are ours to set)."""
+        import optuna
+
+        sampler = getattr(optuna.samplers, cls.sampler_name)
+        found = _keyword_defaults(sampler.__init__, skip=("self", "seed", "constraints_func"))
+        return {**found, **cls.sampler_defaults}
+
     def _make_sampler(self, seed: int) -> Any:
-        raise NotImplementedError
+        sampler = getattr(self._optuna.samplers, self.sampler_name)
+        params = {**self.sampler_defaults, **self.sampler_params}
+        with warnings.catch_warnings():
+            # Optuna 5 deprecates `constraints_func` (removal planned for 7) in favour of
+            # `Trial.set_constraint`, which Optuna 4 lacks; this works on both
+            warnings.simplefilter("ignore", FutureWarning)
+            return sampler(seed=seed % 2**32, constraints_func=_violation, **params)
 
     def _new_study(self) -> None:
         with warnings.catch_warnings():
@@ -157,17 +176,13 @@ def _jsonable(v: Any) -> bool:
 class TPEStrategy(OptunaStrategy):
     name = "tpe"
     description = "Optuna's Tree-structured Parzen Estimator (multivariate; MOTPE for several objectives)"
-
-    def _make_sampler(self, seed: int) -> Any:
-        params = {"n_startup_trials": 10, "multivariate": True, **self.sampler_params}
-        return self._optuna.samplers.TPESampler(seed=seed % 2**32, constraints_func=_violation, **params)
+    sampler_name = "TPESampler"
+    sampler_defaults = {"n_startup_trials": 10, "multivariate": True}
 
 
 @register_strategy
 class NSGA2Strategy(OptunaStrategy):
     name = "nsga2"
     description = "Optuna's NSGA-II multi-objective genetic algorithm"
-
-    def _make_sampler(self, seed: int) -> Any:
-        params = {"population_size": 20, **self.sampler_params}
-        return self._optuna.samplers.NSGAIISampler(seed=seed % 2**32, constraints_func=_violation, **params)
+    sampler_name = "NSGAIISampler"
+    sampler_defaults = {"population_size": 20}

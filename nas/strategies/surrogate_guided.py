@@ -47,6 +47,11 @@ class SurrogateGuided(Strategy):
         surrogate: dict[str, Any] | None = None,
     ):
         super().__init__(space, n_objectives, seed)
+        if min(n_init, pool, n_parents, shortlist) < 1 or not 0 <= mutant_fraction <= 1 or kappa < 0:
+            raise ValueError(
+                "need n_init, pool, n_parents, shortlist >= 1, 0 <= mutant_fraction <= 1 and "
+                f"kappa >= 0; got {n_init}, {pool}, {n_parents}, {shortlist}, {mutant_fraction}, {kappa}"
+            )
         self.n_init, self.pool, self.mutant_fraction = n_init, pool, mutant_fraction
         self.n_parents, self.kappa = n_parents, kappa
         self.stats_fn = stats_fn

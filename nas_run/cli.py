@@ -106,7 +106,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _list() -> int:
     from nas.data import list_datasets
-    from nas.strategies.base import list_strategies
+    from nas.strategies.base import get_strategy, list_strategies
     from search_spaces import get_space, list_spaces
 
     print("search spaces:")
@@ -116,9 +116,12 @@ def _list() -> int:
     print("data sets (or a path to a .npz file or an image folder):")
     for name, desc in list_datasets():
         print(f"  {name:<12} {desc}")
-    print("strategies:")
+    print("strategies (options with defaults, for `strategy_options` in a config file):")
     for name, desc in list_strategies():
         print(f"  {name:<12} {desc}")
+        scalar = {k: v for k, v in get_strategy(name).options().items() if isinstance(v, int | float | str)}
+        if scalar:
+            print(f"  {'':<12}   {', '.join(f'{k}={v}' for k, v in scalar.items())}")
     return 0
 
 

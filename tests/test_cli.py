@@ -22,6 +22,7 @@ def test_list_prints_spaces_presets_datasets_and_strategies(capsys):
     for name in ("darts", "nasnet", "nb201", "unireplk", "digits", "mnist1d", "mnist5k", "surrogate", "tpe"):
         assert name in out
     assert "preset of nasnet_cell" in out
+    assert "kappa=1.0" in out and "population=20" in out  # strategy options with defaults
 
 
 @pytest.mark.parametrize(

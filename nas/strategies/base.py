@@ -22,6 +22,7 @@ __all__ = [
     "Observation",
     "Strategy",
     "constrained_order",
+    "get_strategy",
     "list_strategies",
     "make_strategy",
     "register_strategy",
@@ -126,10 +127,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 def make_strategy(
     name: str, space: SearchSpace, n_objectives: int = 1, seed: int = 0, **params: Any
 ) -> Strategy:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise UnknownNameError("strategy", name, _REGISTRY)
-    cls = _REGISTRY[name]
+    cls = get_strategy(name)
     _check_options(name, cls.options(), params)
     try:
         return cls(space, n_objectives=n_objectives, seed=seed, **params)
@@ -173,6 +171,13 @@ def _check_options(name: str, allowed: dict[str, Any], given: dict[str, Any]) ->
                 f"option {key!r} of strategy {name!r} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
                 f"(default {default!r}), got {value!r}"
             )
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise UnknownNameError("strategy", name, _REGISTRY)
+    return _REGISTRY[name]
 
 
 def list_strategies() -> list[tuple[str, str]]:

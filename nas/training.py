@@ -127,7 +127,13 @@ class TrainingEvaluator:
             val_acc = _accuracy(model, x_va, y_va, self.batch_size * 4)
             report(epoch, {"val_acc": val_acc, "train_loss": total / max(seen, 1)})
 
-        metrics: dict[str, float] = {"val_acc": val_acc, "epochs": float(budget)}
+        # gpu: 1 when this trial trained on a CUDA device, so a run's records show that GPU
+        # trials really used one (Ray hides the GPUs a trial was not given)
+        metrics: dict[str, float] = {
+            "val_acc": val_acc,
+            "epochs": float(budget),
+            "gpu": float(device.type == "cuda"),
+        }
         if self.with_test:
             metrics["test_acc"] = _accuracy(
                 model, _tensor(data.x_test, device), _tensor(data.y_test, device), self.batch_size * 4

@@ -97,6 +97,9 @@ def test_real_training_search_writes_a_store_dashboard_can_read(tmp_path):
     for col in ("val_acc", "params", "flops", "latency_ms", "genotype", "genotype_id", "seed", "budget"):
         assert col in df.columns and df[col].notna().all()
     assert ((df.val_acc > 0) & (df.val_acc <= 1)).all()
+    import torch
+
+    assert (df.gpu == float(torch.cuda.is_available())).all()  # the device each trial trained on
     assert (run.out / "pareto.csv").exists() and (run.out / "trials.csv").exists()
     # the store is a plain Optuna study: Optuna itself opens it
     import optuna

@@ -22,10 +22,16 @@ from .store import RunStore
 from .strategies.base import Strategy
 from .trial import Candidate, TrialResult
 
-__all__ = ["SearchController"]
+__all__ = ["SearchController", "uses_evaluation"]
 
 # statuses of a trial that used up one of the run's evaluations
 _COUNTED = ("complete", "failed", "stopped")
+
+
+def uses_evaluation(status: str, error: str) -> bool:
+    """Whether a finished trial counts toward the run's evaluations (`--trials`): interrupted
+    and rejected ones do not."""
+    return status in _COUNTED and not error.startswith("interrupted")
 
 
 class SearchController:
@@ -83,7 +89,7 @@ class SearchController:
             self._tell(rec["number"], g, rec["status"], rec["metrics"], rec.get("violation") or 0.0)
             self.resumed_told += 1
         # counted once here, then kept up to date by `finish` (no store scan per ask)
-        self._counted = sum(self._uses_evaluation(r["status"], str(r.get("error") or "")) for r in records)
+        self._counted = sum(uses_evaluation(r["status"], str(r.get("error") or "")) for r in records)
         self._save()
 
     def _requeue(self, genotype_str: str, policy: str) -> None:
@@ -110,10 +116,6 @@ class SearchController:
     def counted(self) -> int:
         """Finished trials that used an evaluation (interrupted and rejected ones excluded)."""
         return self._counted
-
-    @staticmethod
-    def _uses_evaluation(status: str, error: str) -> bool:
-        return status in _COUNTED and not error.startswith("interrupted")
 
     def remaining(self) -> int:
         return self.n_trials - self.counted() - len(self.in_flight)
@@ -176,7 +178,7 @@ class SearchController:
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
         violation = self.store.finish(candidate, result)
         self.in_flight.pop(candidate.number, None)
-        self._counted += self._uses_evaluation(result.status, result.error)
+        self._counted += uses_evaluation(result.status, result.error)
         self._tell(candidate.number, candidate.genotype, result.status, result.metrics, violation)
         self._save()
 

@@ -29,7 +29,15 @@ from .store import RunStore
 from .strategies.base import make_strategy
 from .trial import Candidate, TrialResult
 
-__all__ = ["SearchRun", "open_store", "prepare_run", "run_search", "TRAINING_METRICS"]
+__all__ = [
+    "SearchRun",
+    "driver_running",
+    "open_store",
+    "prepare_run",
+    "read_config",
+    "run_search",
+    "TRAINING_METRICS",
+]
 
 # what `TrainingEvaluator` reports: objectives and constraints must be among these
 TRAINING_METRICS = (
@@ -69,10 +77,12 @@ def _default_out(cfg: SearchConfig) -> Path:
     return Path("results") / f"{cfg.space}-{Path(cfg.dataset).name}-{cfg.strategy}-{stamp}"
 
 
-def _store_for(cfg: SearchConfig, out: Path) -> RunStore:
+def _store_for(cfg: SearchConfig, out: Path, read_only: bool = False) -> RunStore:
     url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if read_only and cfg.storage is None and not (out / "study.db").is_file():
+        raise ConfigError(f"{str(out)!r} holds no study.db yet")  # SQLite would create one
     objectives, constraints = parse_objectives(cfg.objectives), parse_constraints(cfg.constraints)
-    return RunStore(url, objectives, constraints, study_name=out.resolve().name)
+    return RunStore(url, objectives, constraints, study_name=out.resolve().name, read_only=read_only)
 
 
 def _lock_run_folder(out: Path) -> Any:
@@ -92,14 +102,34 @@ def _lock_run_folder(out: Path) -> Any:
     return handle
 
 
-def open_store(run_dir: str | Path) -> RunStore:
-    """The store of an existing run folder (read it, add to it, or point a report at it)."""
-    out = Path(run_dir)
-    cfg_path = out / "config.json"
+def driver_running(run_dir: str | Path) -> bool:
+    """Whether a nas-run process drives this run folder now (it holds the folder's lock)."""
+    import fcntl
+
+    path = Path(run_dir) / ".driver.lock"
+    if not path.exists():
+        return False
+    with open(path) as handle:
+        try:  # a shared lock for an instant: granted only when no driver holds the exclusive one
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def read_config(run_dir: str | Path) -> SearchConfig:
+    """The resolved configuration a run folder was made with."""
+    cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.is_file():
-        raise ConfigError(f"{str(out)!r} is not a run folder (no config.json)")
-    cfg = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    return _store_for(cfg, out)
+        raise ConfigError(f"{str(run_dir)!r} is not a run folder (no config.json)")
+    return SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+
+
+def open_store(run_dir: str | Path, read_only: bool = False) -> RunStore:
+    """The store of an existing run folder (read it, add to it, or point a report at it);
+    ``read_only`` writes nothing, for readers beside a running driver."""
+    return _store_for(read_config(run_dir), Path(run_dir), read_only)
 
 
 def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = None) -> SearchRun:

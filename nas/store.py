@@ -49,7 +49,9 @@ class RunStore:
         objectives: Sequence[Objective],
         constraints: Sequence[Constraint] = (),
         study_name: str = "nas-run",
+        read_only: bool = False,
     ):
+        """``read_only``: load an existing study and write nothing (a reader beside a driver)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,9 +60,14 @@ class RunStore:
         self.objectives, self.constraints = tuple(objectives), tuple(constraints)
         directions = ["maximize" if o.direction == "max" else "minimize" for o in self.objectives]
         try:
-            self.study = optuna.create_study(
-                storage=url, study_name=study_name, directions=directions, load_if_exists=True
-            )
+            if read_only:
+                self.study = optuna.load_study(storage=url, study_name=study_name)
+            else:
+                self.study = optuna.create_study(
+                    storage=url, study_name=study_name, directions=directions, load_if_exists=True
+                )
+        except KeyError:  # load_study: no such study
+            raise ConfigError(f"no study {study_name!r} in {url.split('@')[-1]!r}") from None
         except ImportError as exc:  # SQLAlchemy found no driver for the URL's database
             raise ConfigError(
                 f"storage {url.split('@')[-1]!r} needs a database driver that is not installed "
@@ -83,6 +90,8 @@ class RunStore:
             )
         self._open: dict[int, Any] = {}
         self._versions = package_versions()
+        if read_only:
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "experimental" since Optuna 3.2; the dashboard uses it
             self.study.set_metric_names([o.metric for o in self.objectives])

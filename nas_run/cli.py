@@ -1,4 +1,4 @@
-"""The `nas-run` command line: `search` and `list` today; compress, report and export follow.
+"""The `nas-run` command line: `search`, `show` and `list` today; compress, report and export follow.
 
 User errors (`NasRunError`: a typo in a name, a bad genotype, a broken data set or config) are
 printed as one line and exit with code 2, never with a traceback.
@@ -49,7 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://... (default: SQLite in DIR)")
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR (optionally with more --trials)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    show = sub.add_parser(
+        "show",
+        help="a run's trials and Pareto front (while it runs, too)",
+        description="Print a run folder's summary.",
+    )
+    show.add_argument("dir", metavar="DIR", help="run folder")
+    show.add_argument("--all", action="store_true", help="also list every trial")
     return parser
+
+
+def _show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from nas.controller import uses_evaluation
+    from nas.search import driver_running, open_store, read_config
+    from nas_run.progress import Progress, print_trials
+
+    config, store = read_config(args.dir), open_store(args.dir, read_only=True)
+    if args.all:
+        print_trials(store)
+    Progress().summary(SimpleNamespace(out=Path(args.dir), config=config, store=store))
+    if driver_running(args.dir):
+        print("a nas-run process is driving this run now")
+    else:
+        records = store.records()
+        counted = sum(uses_evaluation(r["status"], str(r["error"] or "")) for r in records)
+        if counted < config.trials or any(r["status"] == "running" for r in records):
+            # "running" rows of a run nobody drives are trials a dead driver left behind
+            print(f"not finished and not running: continue it with nas-run search --resume {args.dir}")
+    return 0
 
 
 _FLAG_KEYS = (
@@ -135,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "search":
             return _search(args)
+        if args.command == "show":
+            return _show(args)
         parser.print_help()
         return 2
     except NasRunError as exc:

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["Progress", "format_metric"]
+__all__ = ["Progress", "format_metric", "print_trials"]
 
 
 def format_metric(name: str, value: float) -> str:
@@ -20,6 +20,19 @@ def format_metric(name: str, value: float) -> str:
     if name.endswith("_ms"):  # fixed decimals: "1.00" reads as a latency, "1" looked like a count
         return f"{name}={value:.3f}" if abs(value) < 10 else f"{name}={value:.1f}"
     return f"{name}={value:.3g}"
+
+
+TRIAL_COLUMNS = ("number", "status", "val_acc", "params", "latency_ms", "duration_s", "error", "genotype")
+
+
+def print_trials(store: Any, stream: Any = None) -> None:
+    """Every trial of a run, one line each (what `nas-run show --all` prints)."""
+    df = store.dataframe()
+    if df.empty:
+        print("(no trials yet)", file=stream or sys.stdout)
+        return
+    cols = [c for c in TRIAL_COLUMNS if c in df.columns]
+    print(df[cols].to_string(index=False, max_colwidth=70), file=stream or sys.stdout)
 
 
 class Progress:
@@ -60,13 +73,17 @@ class Progress:
             for c in ("number", "val_acc", "test_acc", "params", "flops", "latency_ms", "genotype")
             if c in front.columns
         ]
-        print(f"\nrun folder: {run.out}   trials: {counts}", file=self.stream)
+        print(
+            f"\nrun folder: {run.out}   trials: {counts} (of {run.config.trials} requested)", file=self.stream
+        )
         print(f"Pareto front ({', '.join(str(o) for o in run.store.objectives)}):", file=self.stream)
         if front.empty:
             print("  (no completed feasible trial)", file=self.stream)
         else:
             print(front[cols].to_string(index=False, max_colwidth=90), file=self.stream)
-        print(f"tables: {run.out / 'trials.csv'}, {run.out / 'pareto.csv'}", file=self.stream)
+        tables = [run.out / "trials.csv", run.out / "pareto.csv"]
+        if all(t.exists() for t in tables):  # written when a search ends (or is interrupted)
+            print(f"tables: {tables[0]}, {tables[1]}", file=self.stream)
         if run.config.storage is None:
             print(
                 f"dashboard: optuna-dashboard sqlite:///{(run.out / 'study.db').resolve()}", file=self.stream

@@ -79,6 +79,29 @@ def test_tiny_search_from_a_yaml_config(tmp_path):
     again = run_cli("search", "--config", str(cfg))  # same folder: refuse, point at --resume
     assert again.returncode == 2 and "--resume" in again.stderr
 
+    db = (tmp_path / "run" / "study.db").read_bytes()
+    shown = run_cli("show", str(tmp_path / "run"), "--all")
+    assert shown.returncode == 0, shown.stderr
+    assert "Pareto front" in shown.stdout and "(of 3 requested)" in shown.stdout
+    assert shown.stdout.count("complete") >= 3  # one line per trial, then the counts
+    assert "--resume" not in shown.stdout  # finished: nothing to continue
+    assert (tmp_path / "run" / "study.db").read_bytes() == db  # a reader writes nothing
+
+
+def test_show_tells_a_running_run_from_an_abandoned_one(tmp_path, capsys):
+    from nas.config import SearchConfig
+    from nas.search import prepare_run
+
+    cfg = SearchConfig(space="nb201", dataset="digits", trials=2, epochs=1, out=str(tmp_path / "run"))
+    run = prepare_run(cfg)  # holds the folder's lock, as a driver does
+    run.controller.next()  # one trial open, none finished
+    assert main(["show", str(run.out)]) == 0
+    assert "driving this run now" in capsys.readouterr().out
+    run.lock.close()  # the driver is gone
+    assert main(["show", str(run.out), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "running" in out and f"nas-run search --resume {run.out}" in out
+
 
 def test_storage_without_driver_is_a_user_error_and_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "run"

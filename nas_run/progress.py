@@ -22,7 +22,17 @@ def format_metric(name: str, value: float) -> str:
     return f"{name}={value:.3g}"
 
 
-TRIAL_COLUMNS = ("number", "status", "val_acc", "params", "latency_ms", "duration_s", "error", "genotype")
+TRIAL_COLUMNS = (
+    "number",
+    "status",
+    "val_acc",
+    "params",
+    "latency_ms",
+    "gpu",
+    "duration_s",
+    "error",
+    "genotype",
+)
 
 
 def print_trials(store: Any, stream: Any = None) -> None:

@@ -293,7 +293,7 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise ConfigError(f"--ray-address {address!r}: expected host:port (or 'auto'), e.g. 10.0.0.5:6379")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()  # [::1]:6379
     except OSError as exc:
         raise ConfigError(
             f"--ray-address {address!r}: no Ray cluster answers there ({exc.strerror or exc}); "

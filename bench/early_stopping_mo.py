@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from nas.objectives import parse_objectives  # noqa: E402
-from nas.pareto import pareto_mask  # noqa: E402
+from nas.pareto import hypervolume_2d, pareto_mask  # noqa: E402
 from nas.runners.mo_asha import Rungs, milestones  # noqa: E402
 from nas.training import TrainingEvaluator  # noqa: E402
 from search_spaces import get_space  # noqa: E402
@@ -65,19 +65,10 @@ def train_curves(n: int, epochs: int, seed: int) -> list[dict]:
 
 
 def hypervolume(acc: np.ndarray, params: np.ndarray, ref_params: float) -> float:
-    """Area dominated by the points in (val_acc up, log10 params down) above val_acc 0, left of
-    the reference; log because model sizes span orders of magnitude (linear would let the
-    smallest models decide everything)."""
-    if len(acc) == 0:
-        return 0.0
-    x, ref = np.log10(params), np.log10(ref_params)
-    order = np.argsort(x)
-    area, best = 0.0, 0.0
-    for i, j in zip(order, list(order[1:]) + [None], strict=True):
-        best = max(best, acc[i])
-        right = ref if j is None else x[j]
-        area += best * (right - x[i])
-    return area
+    """Dominated area in (val_acc up, log10 params down) above val_acc 0, left of the reference;
+    log because model sizes span orders of magnitude (linear would let the smallest models
+    decide everything)."""
+    return hypervolume_2d(np.stack([np.log10(params), -acc], 1), np.array([np.log10(ref_params), 0.0]))
 
 
 def replay(

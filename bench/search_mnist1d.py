@@ -26,20 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from nas.config import SearchConfig  # noqa: E402
+from nas.pareto import hypervolume_2d  # noqa: E402
 from nas.search import run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PARAMS = 1e5  # hypervolume reference: no tiny model of this space comes near it
-
-
-def hypervolume(acc: np.ndarray, params: np.ndarray) -> float:
-    """Area dominated in (val_acc up, log10 params down), from val_acc 0 to params REF_PARAMS."""
-    x, order = np.log10(params), np.argsort(params)
-    area, best = 0.0, 0.0
-    for i, j in zip(order, list(order[1:]) + [None], strict=True):
-        best = max(best, acc[i])
-        area += best * ((np.log10(REF_PARAMS) if j is None else x[j]) - x[i])
-    return area
 
 
 def one_run(strategy: str, seed: int, trials: int, epochs: int) -> dict:
@@ -54,7 +45,11 @@ def one_run(strategy: str, seed: int, trials: int, epochs: int) -> dict:
             "seed": seed,
             "best_val": float(best.val_acc),
             "its_test": float(best.test_acc),
-            "hv": hypervolume(done.val_acc.to_numpy(), done.params.to_numpy(dtype=float)),
+            # dominated area in (val_acc up, log10 params down) up to REF_PARAMS
+            "hv": hypervolume_2d(
+                np.stack([np.log10(done.params.to_numpy(dtype=float)), -done.val_acc.to_numpy()], 1),
+                np.array([np.log10(REF_PARAMS), 0.0]),
+            ),
             "minutes": (time.perf_counter() - start) / 60,
         }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pareto_mask", "nondominated_rank", "crowding_distance"]
+__all__ = ["pareto_mask", "nondominated_rank", "crowding_distance", "hypervolume_2d"]
 
 
 def _dominates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,3 +64,17 @@ def crowding_distance(losses: np.ndarray) -> np.ndarray:
         if span > 0:
             dist[order[1:-1]] += (losses[order[2:], j] - losses[order[:-2], j]) / span
     return dist
+
+
+def hypervolume_2d(losses: np.ndarray, ref: np.ndarray) -> float:
+    """Area dominated by the rows of a (n, 2) loss array and bounded by the point ``ref``
+    (rows not strictly better than ``ref`` in both objectives add nothing)."""
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1, 2)
+    ref = np.asarray(ref, dtype=np.float64)
+    pts = losses[(losses < ref).all(1)]
+    if len(pts) == 0:
+        return 0.0
+    pts = pts[np.argsort(pts[:, 0], kind="stable")]
+    rights = np.append(pts[1:, 0], ref[0])
+    best = np.minimum.accumulate(pts[:, 1])  # lowest second loss among points left of here
+    return float(((rights - pts[:, 0]) * (ref[1] - best)).sum())

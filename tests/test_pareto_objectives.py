@@ -62,3 +62,16 @@ def test_constraints():
     assert len(parse_constraints(["params<=1e6,latency_ms<5"])) == 2
     with pytest.raises(ConfigError, match="must look like"):
         parse_constraints("params=<1e6")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_hypervolume_2d_equals_a_brute_force_union_of_boxes(seed):
+    from nas.pareto import hypervolume_2d
+
+    rng = np.random.default_rng(seed)
+    pts = rng.integers(0, 8, size=(rng.integers(1, 9), 2)).astype(float)  # ties and duplicates
+    ref = np.array([7.0, 7.0])  # some points lie on it: they add nothing
+    cells = {
+        (x, y) for px, py in pts for x in range(int(px), 7) for y in range(int(py), 7) if px < 7 and py < 7
+    }  # unit cells dominated by some point inside the reference box
+    assert hypervolume_2d(pts, ref) == pytest.approx(len(cells))

@@ -85,13 +85,16 @@ def _store_for(cfg: SearchConfig, out: Path, read_only: bool = False) -> RunStor
     return RunStore(url, objectives, constraints, study_name=out.resolve().name, read_only=read_only)
 
 
+LOCK_FILE = ".driver.lock"  # held by the driver of a run folder (see _lock_run_folder)
+
+
 def _lock_run_folder(out: Path) -> Any:
     """An exclusive lock on the run folder for this driver's lifetime: a second driver (say a
     `--resume` while the first still runs) would mark the first one's running trials as
     interrupted. The OS drops the lock when the process dies, kill -9 included."""
     import fcntl
 
-    handle = open(out / ".driver.lock", "w")  # noqa: SIM115 - held open on purpose
+    handle = open(out / LOCK_FILE, "w")  # noqa: SIM115 - held open on purpose
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -106,7 +109,7 @@ def driver_running(run_dir: str | Path) -> bool:
     """Whether a nas-run process drives this run folder now (it holds the folder's lock)."""
     import fcntl
 
-    path = Path(run_dir) / ".driver.lock"
+    path = Path(run_dir) / LOCK_FILE
     if not path.exists():
         return False
     with open(path) as handle:
@@ -234,8 +237,6 @@ def run_search(
         if cfg.runner == "ray":
             from .runners.ray_tune import run_ray
 
-            multi = len(run.controller.objectives) > 1
-            scheduler = cfg.scheduler if cfg.scheduler != "auto" else ("mo-asha" if multi else "asha")
             run_ray(
                 run.controller,
                 run.evaluator,
@@ -243,7 +244,7 @@ def run_search(
                 gpus_per_trial=cfg.gpus_per_trial,
                 max_concurrent=cfg.max_concurrent,
                 address=cfg.ray_address,
-                scheduler=scheduler,
+                scheduler=None if cfg.scheduler == "auto" else cfg.scheduler,  # run_ray picks
                 grace_period=cfg.grace_period,
                 reduction_factor=cfg.reduction_factor,
                 storage_path=str((run.out / "ray").resolve()),

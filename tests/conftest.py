@@ -1,6 +1,14 @@
-"""Shared test settings: one torch thread, so tests stay fast on 2 shared cores."""
+"""Shared test settings (one torch thread, so tests stay fast on 2 shared cores) and helpers."""
 
 from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +21,43 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def _finished_trials(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute(
+                "select count(*) from trials where state in ('COMPLETE', 'PRUNED')"
+            ).fetchone()[0]
+    except sqlite3.Error:  # the file exists before Optuna has created its tables
+        return 0
+
+
+@pytest.fixture
+def kill_and_resume():
+    """``run(search_args, out)``: start ``nas-run search *search_args --out out``, SIGKILL it once
+    two trials have finished, then ``nas-run search --resume out``. Returns the trials finished
+    before the kill (indexed by number) and every trial after the resume, as DataFrames."""
+    from nas.search import open_store
+
+    def run(search_args: list[str], out: Path, wait_s: float = 300) -> tuple:
+        cmd = [sys.executable, "-m", "nas_run", "search", *search_args, "--out", str(out), "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        db, deadline = out / "study.db", time.time() + wait_s
+        while time.time() < deadline and not (db.exists() and _finished_trials(db) >= 2):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        before = open_store(out).dataframe()
+        before = before[before.status.isin(["complete", "stopped"])].set_index("number")
+        done = subprocess.run(
+            [sys.executable, "-m", "nas_run", "search", "--resume", str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert done.returncode == 0, done.stderr
+        return before, open_store(out).dataframe()
+
+    return run

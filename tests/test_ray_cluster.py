@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,8 @@ from nas.search import open_store
 
 pytestmark = pytest.mark.slow
 
-SEARCH = [sys.executable, "-m", "nas_run", "search", "--space", "nb201", "--dataset", "digits"]
+NB201_DIGITS = ["--space", "nb201", "--dataset", "digits"]
+SEARCH = [sys.executable, "-m", "nas_run", "search", *NB201_DIGITS]
 
 
 def _free_port() -> int:
@@ -84,40 +84,12 @@ def test_search_joins_a_cluster_started_with_ray_start(ray_head, tmp_path):
     assert len(df) == 3 and set(df.status) <= {"complete", "stopped"}
 
 
-def _finished(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as con:
-            return con.execute(
-                "select count(*) from trials where state in ('COMPLETE', 'PRUNED')"
-            ).fetchone()[0]
-    except sqlite3.Error:  # the driver is still creating the tables
-        return 0
-
-
-def test_kill_minus_9_of_a_ray_driver_and_resume(tmp_path):
-    out, trials = tmp_path / "run", 10
-    cmd = [*SEARCH, "--runner", "ray", "--max-concurrent", "2", "--strategy", "evolution"]
-    cmd += ["--trials", str(trials), "--epochs", "3", "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = out / "study.db"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (db.exists() and _finished(db) >= 2):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = open_store(out).dataframe()
-    before = before[before.status.isin(["complete", "stopped"])].set_index("number")
+def test_kill_minus_9_of_a_ray_driver_and_resume(tmp_path, kill_and_resume):
+    trials = 10
+    args = [*NB201_DIGITS, "--runner", "ray", "--max-concurrent", "2", "--strategy", "evolution"]
+    before, df = kill_and_resume([*args, "--trials", str(trials), "--epochs", "3"], tmp_path / "run")
     assert len(before) >= 2
 
-    done = subprocess.run(
-        [sys.executable, "-m", "nas_run", "search", "--resume", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stderr
-    df = open_store(out).dataframe()
     counted = df[df.status.isin(["complete", "stopped"])]
     assert len(counted) == trials  # nothing lost
     assert counted.genotype.is_unique  # nothing repeated

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -17,7 +11,7 @@ from nas.config import SearchConfig
 from nas.controller import SearchController
 from nas.objectives import parse_constraints, parse_objectives
 from nas.runners.local import run_local
-from nas.search import open_store, run_search
+from nas.search import run_search
 from nas.store import RunStore
 from nas.strategies.base import make_strategy
 from search_spaces import get_space
@@ -109,21 +103,8 @@ def test_real_training_search_writes_a_store_dashboard_can_read(tmp_path):
     assert all(math.isfinite(t.values[0]) for t in study.trials)
 
 
-def _finished(db):
-    try:
-        with sqlite3.connect(db) as con:
-            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
-    except sqlite3.OperationalError:  # the file exists before Optuna has created its tables
-        return 0
-
-
-def test_kill_minus_9_and_resume_loses_and_repeats_nothing(tmp_path):
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "nas_run",
-        "search",
+def test_kill_minus_9_and_resume_loses_and_repeats_nothing(tmp_path, kill_and_resume):
+    args = [
         "--space",
         "nb201",
         "--dataset",
@@ -134,39 +115,14 @@ def test_kill_minus_9_and_resume_loses_and_repeats_nothing(tmp_path):
         "6",
         "--epochs",
         "2",
-        "--out",
-        str(out),
-        "--quiet",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = out / "study.db"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (db.exists() and _finished(db) >= 2):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with sqlite3.connect(db) as con:
-        before = dict(
-            con.execute(
-                "select t.number, v.value from trials t join trial_values v on v.trial_id = t.trial_id "
-                "where t.state = 'COMPLETE' and v.objective = 0"
-            ).fetchall()
-        )
+    before, df = kill_and_resume(args, tmp_path / "run", wait_s=240)
     assert len(before) >= 2
 
-    done = subprocess.run(
-        [sys.executable, "-m", "nas_run", "search", "--resume", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stderr
-    df = open_store(out).dataframe()
     complete = df[df.status == "complete"]
     assert len(complete) == 6  # nothing lost: exactly the requested evaluations
-    for number, value in before.items():  # finished trials kept, untouched
-        assert complete.set_index("number").loc[number, "val_acc"] == pytest.approx(value)
+    for number, row in before.iterrows():  # finished trials kept, untouched
+        assert complete.set_index("number").loc[number, "val_acc"] == pytest.approx(row["val_acc"])
     interrupted = df[df.error.str.startswith("interrupted")]
     assert len(interrupted) <= 1
     # nothing repeated: every completed genotype once, except an interrupted one re-run once

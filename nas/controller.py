@@ -146,9 +146,9 @@ class SearchController:
             genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
         )
         self._rows = number + 1
+        # no second save here: the saved `rows` already tells resume this candidate got a row
         cand = Candidate(genotype, self.budget, number, policy)
         self.in_flight[number] = cand
-        self._save()
         return cand
 
     def _passes_cheap_checks(self, genotype: Genotype, policy: str = "") -> bool:

@@ -22,7 +22,10 @@ from .store import RunStore
 from .strategies.base import Strategy
 from .trial import Candidate, TrialResult
 
-__all__ = ["SearchController", "uses_evaluation"]
+__all__ = ["SEARCH_STAGES", "SearchController", "uses_evaluation"]
+
+# stage of an architecture trial (None: rows of stores older than the stage field)
+SEARCH_STAGES = ("search", None)
 
 # statuses of a trial that used up one of the run's evaluations
 _COUNTED = ("complete", "failed", "stopped")
@@ -67,7 +70,8 @@ class SearchController:
             self.told = set(saved["told"])
         else:
             saved = {}
-        interrupted = self.store.interrupted()
+        # compression trials of the same run (stage "compress") are not this search's business
+        interrupted = self.store.interrupted(stages=SEARCH_STAGES)
         records = self.store.records()
         self._rows = len(records)
         for rec in interrupted:
@@ -85,11 +89,17 @@ class SearchController:
         for rec in records:
             if rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
                 continue
+            if rec.get("stage") not in SEARCH_STAGES:
+                continue
             g = self.strategy.space.from_str(rec["genotype"])
             self._tell(rec["number"], g, rec["status"], rec["metrics"], rec.get("violation") or 0.0)
             self.resumed_told += 1
         # counted once here, then kept up to date by `finish` (no store scan per ask)
-        self._counted = sum(uses_evaluation(r["status"], str(r.get("error") or "")) for r in records)
+        self._counted = sum(
+            uses_evaluation(r["status"], str(r.get("error") or ""))
+            for r in records
+            if r.get("stage") in SEARCH_STAGES
+        )
         self._save()
 
     def _requeue(self, genotype_str: str, policy: str) -> None:

@@ -321,15 +321,40 @@ def _check_seed(seed: object) -> int:
 
 
 def _load_npz(path: Path) -> RawData:
+    import zipfile
+    import zlib
+
     import numpy as np
 
+    # an .npz is a zip archive of .npy files; anything else given that suffix (a renamed .npy,
+    # a pickle, text) would otherwise reach np.load's pickle fallback or come back as one array
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        with open(path, "rb") as fh:
+            starts_like_zip = fh.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    if not is_zip:
+        if starts_like_zip:  # the zip directory sits at the end: a cut-off copy loses it
+            raise DatasetError(f"{path}: truncated or corrupted .npz file (its zip directory is missing)")
+        raise DatasetError(
+            f"{path}: not a .npz file (not a zip archive); save the arrays with numpy.savez(path, x=..., y=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:  # never unpickle a user's file
             arrays = {k: f[k] for k in f.files}
     except ValueError as exc:
+        if "allow_pickle" in str(exc) or "pickled" in str(exc):  # an object array
+            raise DatasetError(
+                f"{path}: holds object (pickled) arrays, which are never loaded; save plain numeric arrays"
+            ) from None
         raise DatasetError(f"{path}: cannot read arrays ({exc}); save plain numeric arrays") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    # a truncated or damaged archive fails inside zipfile/zlib (bad CRC, short member, bad deflate
+    # stream) or while parsing a member's .npy header
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+        raise DatasetError(
+            f"{path}: not a readable .npz file, truncated or corrupted? ({exc})"
+        ) from None
     unknown = sorted(set(arrays) - set(NPZ_KEYS))
     if unknown:
         raise DatasetError(f"{path}: unknown key(s) {unknown}; allowed: {', '.join(NPZ_KEYS)}")

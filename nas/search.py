@@ -51,6 +51,7 @@ TRAINING_METRICS = (
     "onnx_latency_ms",
     "epochs",
 )
+WEIGHTS_DIR = "weights"  # in a run folder: <genotype id>-s<seed>-e<epochs>.safetensors per trained trial
 STATIC_METRICS = ("params", "flops", "macs")  # known before training: checked before a trial starts
 
 
@@ -176,6 +177,8 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         # constraint (TRAINING_METRICS), so no strategy ever selects on it
         with_test=True,
         onnx_latency="onnx_latency_ms" in {o.metric for o in objectives} | {c.metric for c in constraints},
+        # trained weights of every finished trial: `nas-run compress --run DIR` starts from them
+        weights_dir=str((out / WEIGHTS_DIR).resolve()),
     )
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
     if cfg.runner == "ray":  # so does a cluster address nothing answers at

@@ -170,12 +170,15 @@ class RunStore:
         self._open.pop(candidate.number, None)
         return violation
 
-    def interrupted(self) -> list[dict[str, Any]]:
+    def interrupted(self, stages: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """Trials left RUNNING by a driver that died: mark them failed, return their records
-        so the controller can run them again."""
+        so the controller can run them again. ``stages`` limits this to trials of those stages
+        (a search and a compression of the same run resume their own trials)."""
         opt = self._optuna
         out = []
         for t in self.study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
+            if stages is not None and t.user_attrs.get("stage") not in stages:
+                continue
             trial = self._trial(t.number)
             trial.set_user_attr("status", "failed")
             trial.set_user_attr("error", "interrupted: the driver stopped while this trial ran")

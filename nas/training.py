@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search_spaces import ConfigError, Genotype, SearchSpace, get_space
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
     from .data import Dataset
 
-__all__ = ["TrainingEvaluator"]
+__all__ = ["TrainingEvaluator", "save_weights"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,6 +54,9 @@ class TrainingEvaluator:
     onnx_latency: bool = False  # also time the exported model in ONNX Runtime (onnx_latency_ms)
     with_test: bool = False
     max_train_batches: int | None = None  # cap per epoch, for smoke tests on big data
+    # where a finished trial's trained weights go (safetensors, one file per genotype, seed and
+    # budget: training is seeded, so the triple names the weights); None keeps none
+    weights_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.lr <= 0:
@@ -84,7 +89,16 @@ class TrainingEvaluator:
         return {"params": float(stats.params), "flops": float(stats.flops), "macs": float(stats.macs)}
 
     # -- the evaluation ----------------------------------------------------------------------------
-    def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
+    def weights_path(self, genotype: Genotype, budget: int) -> Path | None:
+        """Where the trained weights of (genotype, budget) are kept, if this evaluator keeps them."""
+        if self.weights_dir is None:
+            return None
+        return Path(self.weights_dir) / f"{genotype.id}-s{self.seed}-e{budget}.safetensors"
+
+    def train_model(
+        self, genotype: Genotype, budget: int, report: Reporter | None = None
+    ) -> tuple[nn.Module, float, torch.device]:
+        """Build and train the genotype's model: (trained model, last val_acc, device)."""
         import torch
         from torch import nn
 
@@ -125,8 +139,13 @@ class TrainingEvaluator:
                 total += loss.item() * len(idx)
                 seen += len(idx)
             val_acc = _accuracy(model, x_va, y_va, self.batch_size * 4)
-            report(epoch, {"val_acc": val_acc, "train_loss": total / max(seen, 1)})
+            if report is not None:
+                report(epoch, {"val_acc": val_acc, "train_loss": total / max(seen, 1)})
+        return model, val_acc, device
 
+    def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
+        model, val_acc, device = self.train_model(genotype, budget, report)
+        data = self.data()
         # gpu: 1 when this trial trained on a CUDA device, so a run's records show that GPU
         # trials really used one (Ray hides the GPUs a trial was not given)
         metrics: dict[str, float] = {
@@ -138,7 +157,11 @@ class TrainingEvaluator:
             metrics["test_acc"] = _accuracy(
                 model, _tensor(data.x_test, device), _tensor(data.y_test, device), self.batch_size * 4
             )
-        metrics.update(self._costs(model.cpu(), data.input_shape))
+        model = model.cpu()
+        metrics.update(self._costs(model, data.input_shape))
+        path = self.weights_path(genotype, budget)
+        if path is not None:  # the compression stage starts from these trained weights
+            save_weights(model, path)
         return metrics
 
     def _costs(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
@@ -153,6 +176,18 @@ class TrainingEvaluator:
             lat = measure_latency(model, input_shape, 1, self.latency_threads, 3, 15, runtime="onnxruntime")
             out["onnx_latency_ms"] = lat.median_ms
         return out
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The model's state dict as safetensors, written atomically (a killed trial leaves no
+    half file that a later compression would read)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    # contiguous clones: safetensors refuses views that share storage
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _tensor(array: Any, device: torch.device) -> torch.Tensor:

@@ -89,12 +89,15 @@ def run_trial(
     budget: int,
     on_report: Reporter | None = None,
     required: tuple[str, ...] = (),
+    policy: str = "",
 ) -> TrialResult:
     """Run one evaluation; never raises for the candidate's own faults.
 
     ``on_report`` sees every per-epoch report and may raise `StopTrial`; the result is then
     "stopped" with the metrics of the last report. ``required`` metrics must be present and
-    finite or the trial fails (a NaN loss must not become a "best" candidate).
+    finite or the trial fails (a NaN loss must not become a "best" candidate). A non-empty
+    ``policy`` (a compression policy's canonical text) is passed to the evaluator as
+    ``policy=``; architecture evaluators, which take none, are called without it.
     """
     history: list[dict[str, float]] = []
 
@@ -106,7 +109,8 @@ def run_trial(
 
     start = time.perf_counter()
     try:
-        metrics = {k: float(v) for k, v in evaluator(genotype, budget, report).items()}
+        extra = {"policy": policy} if policy else {}
+        metrics = {k: float(v) for k, v in evaluator(genotype, budget, report, **extra).items()}
     except StopTrial:
         last = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
         return TrialResult("stopped", last, tuple(history), "", time.perf_counter() - start)

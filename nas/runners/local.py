@@ -19,7 +19,7 @@ def run_local(
     out-of-memory is recorded as a failed trial by `run_trial`; the loop goes on."""
     required = tuple(o.metric for o in controller.objectives)
     while (cand := controller.next()) is not None:
-        result = run_trial(evaluator, cand.genotype, cand.budget, required=required)
+        result = run_trial(evaluator, cand.genotype, cand.budget, required=required, policy=cand.policy)
         controller.finish(cand, result)
         if on_result is not None:
             on_result(cand, result)

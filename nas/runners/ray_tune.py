@@ -98,7 +98,14 @@ def _trainable(
                 }
             )
 
-        result = run_trial(evaluator, genotype, budget, on_report=on_report, required=required)
+        result = run_trial(
+            evaluator,
+            genotype,
+            budget,
+            on_report=on_report,
+            required=required,
+            policy=str(config.get("policy") or ""),
+        )
     tune.report(
         {
             **_flat(result.metrics, required),

@@ -36,6 +36,7 @@ __all__ = [
     "prepare_run",
     "read_config",
     "run_search",
+    "write_tables",
     "TRAINING_METRICS",
 ]
 
@@ -67,10 +68,16 @@ class SearchRun:
     created: bool = False  # this call made the folder (not a resume, not a pre-made --out)
 
     def write_tables(self) -> tuple[Path, Path]:
-        trials, pareto = self.out / "trials.csv", self.out / "pareto.csv"
-        self.store.dataframe().to_csv(trials, index=False)
-        self.store.pareto().to_csv(pareto, index=False)
-        return trials, pareto
+        return write_tables(self.out, self.store)
+
+
+def write_tables(out: Path, store: RunStore) -> tuple[Path, Path]:
+    """trials.csv (every trial, compression ones included) and pareto.csv (the feasible front
+    over all completed trials: architectures and (architecture, policy) pairs)."""
+    trials, pareto = out / "trials.csv", out / "pareto.csv"
+    store.dataframe().to_csv(trials, index=False)
+    store.pareto().to_csv(pareto, index=False)
+    return trials, pareto
 
 
 def _default_out(cfg: SearchConfig) -> Path:
@@ -269,5 +276,8 @@ def run_search(
         # the store already holds every finished trial; tell the user where to pick up
         run.write_tables()
         raise KeyboardInterrupt(f"nas-run search --resume {run.out}") from None
+    finally:
+        if run.lock is not None and not run.lock.closed:
+            run.lock.close()  # the run is over: the folder is free for compress, report, resume
     run.write_tables()
     return run

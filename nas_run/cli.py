@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("dir", metavar="DIR", help="run folder")
     show.add_argument("--all", action="store_true", help="also list every trial")
+    from .compress_cmd import add_compress_parser
+
+    add_compress_parser(sub)
     return parser
 
 
@@ -63,7 +66,7 @@ def _show(args: argparse.Namespace) -> int:
     from pathlib import Path
     from types import SimpleNamespace
 
-    from nas.controller import uses_evaluation
+    from nas.controller import SEARCH_STAGES, uses_evaluation
     from nas.search import driver_running, open_store, read_config
     from nas_run.progress import Progress, print_trials
 
@@ -75,7 +78,9 @@ def _show(args: argparse.Namespace) -> int:
         print("a nas-run process is driving this run now")
     else:
         records = store.records()
-        counted = sum(uses_evaluation(r["status"], str(r["error"] or "")) for r in records)
+        counted = sum(
+            uses_evaluation(r["status"], str(r["error"] or "")) for r in records if r["stage"] in SEARCH_STAGES
+        )
         if counted < config.trials or any(r["status"] == "running" for r in records):
             # "running" rows of a run nobody drives are trials a dead driver left behind
             print(f"not finished and not running: continue it with nas-run search --resume {args.dir}")
@@ -146,6 +151,11 @@ def _list() -> int:
     print("data sets (or a path to a .npz file or an image folder):")
     for name, desc in list_datasets():
         print(f"  {name:<12} {desc}")
+    from compress.passes import list_passes
+
+    print("compression passes (for --policy files and `nas-run compress`):")
+    for name, desc in list_passes():
+        print(f"  {name:<12} {desc}")
     print("strategies (options with defaults, for `strategy_options` in a config file):")
     for name, desc in list_strategies():
         print(f"  {name:<12} {desc}")
@@ -167,13 +177,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _search(args)
         if args.command == "show":
             return _show(args)
+        if args.command == "compress":
+            from .compress_cmd import compress_command
+
+            return compress_command(args)
         parser.print_help()
         return 2
     except NasRunError as exc:
         print(f"nas-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        how = str(exc) or "nas-run search --resume DIR"
+        how = str(exc) or f"nas-run {args.command} --resume DIR"
         print(f"nas-run: interrupted; finished trials are saved; continue with: {how}", file=sys.stderr)
         return 130
 

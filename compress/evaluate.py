@@ -1,0 +1,299 @@
+"""`CompressionEvaluator`: one policy evaluation as a trial — load, compress, fine-tune, export,
+measure in ONNX Runtime.
+
+Called by `run_trial` as ``evaluator(genotype, budget, report, policy=text)``. The uncompressed
+model comes either from a search run (the genotype is built and its trained weights are read
+from the run's ``weights/`` folder; a run made before weights were kept is re-trained with its
+recorded seed and budget, and those weights are kept from then on) or from a user's own model
+(`compress.user_model`). Models of the large-kernel space are compressed in their
+re-parameterised (merged) form: it is what ships, and it has fewer, plainer layers to prune.
+
+Every measurement happens in the runtime the model ships in: accuracy and latency of the
+float and int8 models in ONNX Runtime (batch 1, ``latency_threads`` threads), file size of the
+ONNX file. The compressed model and the records that rebuild it are kept under
+``artefacts_dir/<genotype id>+<policy id>/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas.trial import Reporter
+from search_spaces import Genotype
+
+from .errors import PolicyError
+from .passes.base import PassContext
+from .policy import Compressed, Policy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from nas.data import Dataset
+
+__all__ = ["BaseModel", "CompressionEvaluator", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
+
+USER_MODEL_SPACE = "model"  # genotype space name of a user's own model: model@1|sha1=h<hex>
+
+
+def user_genotype(sha1: str) -> Genotype:
+    """The identity of a user's model in the store: the SHA-1 of its file(s)."""
+    return Genotype(USER_MODEL_SPACE, 1, (("sha1", "h" + sha1[:16]),))
+
+
+def artefact_dir(root: str | Path, genotype: Genotype, policy: Policy) -> Path:
+    return Path(root) / f"{genotype.id}+{policy.id}"
+
+
+@dataclass
+class BaseModel:
+    """The uncompressed model in its deploy form, and what it scores (the reference)."""
+
+    module: nn.Module
+    kind: str  # "eager" or "torchscript"
+    val_acc: float
+    retrained: bool = False
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str, seed: int, standardize: bool) -> Dataset:
+    from nas.data import load_dataset
+
+    return load_dataset(name, seed=seed, standardize=standardize)
+
+
+@dataclass(frozen=True)
+class CompressionEvaluator:
+    dataset: str
+    artefacts_dir: str
+    data_seed: int = 0
+    standardize: bool = True  # a search run's data are standardised; a user's model gets them as stored
+    seed: int = 0
+    # a search run's architecture (space options as sorted items: the evaluator stays hashable)
+    space: str | None = None
+    space_options: tuple[tuple[str, Any], ...] = ()
+    weights_dir: str | None = None
+    train_epochs: int = 8
+    lr: float = 3e-3
+    batch_size: int = 64
+    # a user's own model
+    model_spec: str | None = None
+    model_weights: str | None = None
+    # measuring
+    calib_size: int = 256
+    threads: int | None = 1
+    latency_threads: int = 1
+    latency_repeats: int = 30
+    device: str = "auto"
+
+    def data(self) -> Dataset:
+        return _dataset(self.dataset, self.data_seed, self.standardize)
+
+    # -- the uncompressed model ------------------------------------------------------------------
+    def _trainer(self) -> Any:
+        from nas.training import TrainingEvaluator
+
+        return TrainingEvaluator(
+            space=str(self.space),
+            space_options=dict(self.space_options),
+            dataset=self.dataset,
+            data_seed=self.data_seed,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            threads=self.threads,
+            device=self.device,
+            weights_dir=self.weights_dir,
+        )
+
+    def load_base(self, genotype: Genotype) -> BaseModel:
+        """The trained, uncompressed model (deploy form, eval mode, CPU) and its val accuracy."""
+        import torch
+
+        from .passes.finetune import evaluate_accuracy
+
+        data = self.data()
+        retrained = False
+        if genotype.space == USER_MODEL_SPACE:
+            from .user_model import load_user_model
+
+            user = load_user_model(str(self.model_spec), self.model_weights, data.input_shape, data.num_classes)
+            module, kind = user.module, user.kind
+        else:
+            trainer = self._trainer()
+            path = trainer.weights_path(genotype, self.train_epochs)
+            if path is not None and path.is_file():
+                from safetensors.torch import load_file
+
+                module = trainer.search_space().build(genotype, data.input_shape, data.num_classes)
+                module.load_state_dict(load_file(str(path)), strict=True)
+            else:  # a run from before weights were kept: train again, seeded as the search did
+                from nas.training import save_weights
+
+                module, _, _ = trainer.train_model(genotype, self.train_epochs)
+                module = module.cpu()
+                if path is not None:
+                    save_weights(module, path)
+                retrained = True
+            kind = "eager"
+            if self.space == "unireplk":
+                from search_spaces.large_kernel import reparameterize
+
+                module.eval()
+                reparameterize(module)
+        module = module.cpu().eval()
+        with torch.no_grad():
+            acc = evaluate_accuracy(module, data.x_val, data.y_val)
+        return BaseModel(module, kind, acc, retrained)
+
+    def context(self, base: BaseModel) -> PassContext:
+        import torch
+
+        device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
+        device = "cpu" if device == "auto" else device
+        return PassContext(
+            data=self.data(),
+            seed=self.seed,
+            calib_size=self.calib_size,
+            device=device,
+            teacher=base.module,
+            threads=self.threads,
+        )
+
+    # -- the evaluation --------------------------------------------------------------------------
+    def __call__(
+        self, genotype: Genotype, budget: int, report: Reporter, policy: str = ""
+    ) -> dict[str, float]:
+        import torch
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        pol = Policy.from_json(policy)
+        base = self.load_base(genotype)
+        if base.kind == "torchscript":
+            from .user_model import require_eager
+
+            for spec in pol.passes:
+                if spec.name != "int8":
+                    require_eager(base, spec.name)  # type: ignore[arg-type]
+        ctx = self.context(base)
+        torch.manual_seed(self.seed)
+        out = pol.apply(base.module, ctx)
+        metrics = self.measure(base, out)
+        metrics["retrained"] = float(base.retrained)
+        metrics["gpu"] = float(ctx.device.startswith("cuda"))
+        self._keep(genotype, out, metrics)
+        report(1, {"val_acc": metrics["val_acc"]})
+        return metrics
+
+    def measure(self, base: BaseModel, out: Compressed) -> dict[str, float]:
+        """Accuracy, size and ORT latency of the compressed model against the base model."""
+        from nas.cost import profile
+
+        from .passes.int8 import export_float_onnx, onnx_accuracy, onnx_latency_ms
+
+        data = self.data()
+        shape = tuple(data.input_shape)
+        base_bytes = export_float_onnx(base.module, shape)
+        if out.is_onnx:
+            model_bytes = out.model.model_bytes
+            torch_model = None
+        else:
+            torch_model = out.model.cpu().eval()
+            model_bytes = export_float_onnx(torch_model, shape)
+        lat = functools.partial(
+            onnx_latency_ms, input_shape=shape, batch_size=1, threads=self.latency_threads,
+            warmup=5, repeats=self.latency_repeats,
+        )
+        base_ms, ms = lat(base_bytes), lat(model_bytes)
+        val_acc = onnx_accuracy(model_bytes, data.x_val, data.y_val)
+        m: dict[str, float] = {
+            "val_acc": val_acc,
+            "test_acc": onnx_accuracy(model_bytes, data.x_test, data.y_test),
+            "base_val_acc": onnx_accuracy(base_bytes, data.x_val, data.y_val),
+            "onnx_latency_ms": ms,
+            "base_onnx_latency_ms": base_ms,
+            "speedup": base_ms / ms if ms > 0 else float("nan"),
+            "file_bytes": float(len(model_bytes)),
+            "zip_bytes": float(len(zlib.compress(model_bytes, 9))),
+            "base_file_bytes": float(len(base_bytes)),
+        }
+        m["acc_drop"] = 100.0 * (m["base_val_acc"] - val_acc)  # in points
+        m["size_ratio"] = m["base_file_bytes"] / m["file_bytes"]
+        # an int8 candidate's params/FLOPs are those of the float model it quantised
+        stats_model = out.float_model if out.float_model is not None else base.module
+        if stats_model is not None and base.kind == "eager":
+            stats = profile(stats_model, shape)
+            m.update(params=float(stats.params), flops=float(stats.flops), macs=float(stats.macs))
+            m["sparsity"] = _sparsity(stats_model)
+            base_stats = profile(base.module, shape)
+            m["base_params"] = float(base_stats.params)
+        if torch_model is not None and base.kind == "eager":
+            from nas.cost import measure_latency
+
+            m["latency_ms"] = measure_latency(torch_model, shape, 1, self.latency_threads, 3, 15).median_ms
+        else:
+            # an int8 model has no PyTorch form: its latency is the one it ships with (ORT)
+            m["latency_ms"] = ms
+        return m
+
+    def _keep(self, genotype: Genotype, out: Compressed, metrics: dict[str, float]) -> None:
+        """The compressed model and its records, written atomically into its own folder."""
+        final = artefact_dir(self.artefacts_dir, genotype, out.policy)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if out.is_onnx:
+            (tmp / "model.onnx").write_bytes(out.model.model_bytes)
+        else:
+            from nas.training import save_weights
+
+            save_weights(out.model, tmp / "model.safetensors")
+        (tmp / "policy.json").write_text(
+            json.dumps(
+                {
+                    "genotype": genotype.to_str(),
+                    "policy": out.policy.to_json(),
+                    "policy_id": out.policy.id,
+                    "records": out.records,
+                    "notes": out.notes,
+                    "metrics": metrics,
+                },
+                indent=1,
+            )
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def _sparsity(model: nn.Module) -> float:
+    import torch
+
+    total = zeros = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Linear):
+            total += mod.weight.numel()
+            zeros += int((mod.weight == 0).sum())
+    return zeros / max(total, 1)
+
+
+def check_policy(policy: Policy, model: nn.Module) -> None:
+    """Layer names a policy mentions must exist in the model: checked before any trial opens,
+    so a typo is one line and nothing in the store."""
+    from .passes.base import resolve_layers
+
+    for spec in policy.passes:
+        for key in ("per_layer", "ranks", "ignore", "layers", "float_layers"):
+            value = spec.settings.get(key)
+            if value:
+                resolve_layers(model, list(value), f"pass {spec.name!r} setting {key!r}")
+
+
+__all__ += ["check_policy", "PolicyError"]

@@ -1,0 +1,389 @@
+"""`run_compress`: compress a search run's best candidates, or a user's own model — the function
+behind `nas-run compress`.
+
+A compression run is a list of (architecture, policy) candidates, each evaluated as a trial
+(stage "compress") through the same runners and store as the search. For ``--run DIR`` the
+trials go into that run's own study, next to the architecture trials; for ``--model SPEC`` a
+new folder gets its own study. ``compress.json`` in the folder holds the resolved compression
+config, so ``--resume`` continues exactly (see `CompressionController`).
+
+Folder contents added by compression::
+
+    compress.json                 the resolved compression config
+    compressed/<gid>+<pid>/       per candidate: model.safetensors or model.onnx, policy.json
+    compress.csv                  one row per compression trial (written at the end)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nas.config import RUNNERS
+from nas.objectives import Objective, losses, parse_objectives
+from nas.pareto import pareto_mask
+from nas.store import RunStore
+from nas.trial import Candidate, TrialResult
+from search_spaces import ConfigError, Genotype, UnknownNameError
+
+from .controller import COMPRESS_STAGE, CompressionController
+from .evaluate import CompressionEvaluator, check_policy, user_genotype
+from .policy import Policy
+
+__all__ = [
+    "COMPRESS_METRICS",
+    "CompressConfig",
+    "CompressRun",
+    "builtin_policies",
+    "policy_from_flags",
+    "prepare_compress",
+    "run_compress",
+]
+
+CONFIG_FILE = "compress.json"
+ARTEFACTS = "compressed"
+# what `CompressionEvaluator` reports: objectives of a --model run must be among these
+COMPRESS_METRICS = (
+    "val_acc",
+    "acc_drop",
+    "onnx_latency_ms",
+    "latency_ms",
+    "speedup",
+    "file_bytes",
+    "zip_bytes",
+    "size_ratio",
+    "params",
+    "flops",
+    "macs",
+    "sparsity",
+)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    run: str | None = None  # a search run folder: compress its best candidates
+    model: str | None = None  # or a user's model: TorchScript file or package.module:callable
+    weights: str | None = None  # state dict (.pt/.pth/.safetensors) for a builder
+    dataset: str | None = None  # --model: required; --run: the run's own
+    standardize: bool = False  # --model: feed data as stored unless asked
+    out: str | None = None  # --model: the folder for results (a --run writes into the run)
+    top_k: int = 3
+    policies: tuple[str, ...] = ()  # canonical policy texts; empty: the built-in set
+    objectives: tuple[str, ...] = ("val_acc", "onnx_latency_ms")  # --model runs (a run keeps its own)
+    finetune_epochs: int = 2  # of the built-in policies
+    seed: int = 0
+    calib_size: int = 256
+    runner: str = "local"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 2
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.model is None):
+            raise ConfigError("give exactly one of --run DIR (a search run) or --model SPEC (your own model)")
+        if self.model is not None and (self.dataset is None or self.out is None):
+            raise ConfigError("--model needs --dataset (the data to calibrate, fine-tune and measure on) and --out DIR")
+        if self.run is not None and self.weights is not None:
+            raise ConfigError("--weights goes with --model; a run's weights are in its folder")
+        if self.top_k < 1 or self.finetune_epochs < 0 or self.calib_size < 1:
+            raise ConfigError(
+                f"top_k and calib_size must be >= 1 and finetune_epochs >= 0, got {self.top_k}, "
+                f"{self.calib_size}, {self.finetune_epochs}"
+            )
+        if self.runner not in RUNNERS:
+            raise UnknownNameError("runner", self.runner, RUNNERS)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> CompressConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            if norm not in known:
+                raise UnknownNameError(f"key in {source}", key, known)
+            kwargs[norm] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def replace(self, **changes: Any) -> CompressConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def builtin_policies(finetune_epochs: int = 2) -> list[Policy]:
+    """What `nas-run compress` tries when no policy is given: one of each kind, and a chain.
+
+    Fine-tuning after structural changes distils from the uncompressed model (KD recovers
+    more than plain fine-tuning after aggressive pruning: results/compress.md). int8 uses the
+    settings that were fastest in ONNX Runtime on this CPU (QOperator, per-channel; see
+    BENCHMARKS.md: QDQ gives no speed-up here).
+    """
+    ft = ("finetune", {"epochs": finetune_epochs, "kd": True})
+    plain_ft = ("finetune", {"epochs": finetune_epochs})
+    int8 = ("int8", {"format": "qoperator", "per_channel": True, "calibration": "minmax"})
+    out = [
+        Policy.of(("structured", {"ratio": 0.5, "importance": "l1"}), ft),
+        Policy.of(("lowrank", {"target": 0.5, "allocation": "optimal"}), plain_ft),
+        Policy.of(("unstructured", {"sparsity": 0.8, "scope": "global"}), plain_ft),
+        Policy.of(int8),
+        Policy.of(("structured", {"ratio": 0.3, "importance": "l1"}), ft, int8),
+    ]
+    if finetune_epochs == 0:
+        out = [Policy(tuple(s for s in p.passes if s.name != "finetune")) for p in out]
+    return out
+
+
+def policy_from_flags(
+    prune: float | None = None,
+    sparsity: float | None = None,
+    lowrank: float | None = None,
+    int8: bool = False,
+    kd: bool = False,
+    finetune_epochs: int = 2,
+    importance: str = "l1",
+) -> Policy | None:
+    """One policy chaining what the flags ask for, in the order that makes sense: structure
+    first (pruning, low-rank), then unstructured sparsity, fine-tuning, and int8 last.
+    ``lowrank`` is the kept fraction of parameters (``--lowrank 2x`` -> 0.5)."""
+    steps: list[tuple[str, dict[str, Any]]] = []
+    if prune:
+        steps.append(("structured", {"ratio": prune, "importance": importance}))
+    if lowrank:
+        steps.append(("lowrank", {"target": lowrank}))
+    if sparsity:
+        steps.append(("unstructured", {"sparsity": sparsity}))
+    if steps and finetune_epochs > 0:
+        steps.append(("finetune", {"epochs": finetune_epochs, "kd": kd}))
+    if int8:
+        steps.append(("int8", {}))
+    return Policy.of(*steps) if steps else None
+
+
+@dataclass
+class CompressRun:
+    out: Path
+    config: CompressConfig
+    store: RunStore
+    controller: CompressionController
+    evaluator: CompressionEvaluator
+    architectures: list[Genotype]
+    policies: list[Policy]
+    lock: Any = None
+    created: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> Any:
+        """The compression trials, one row each (pandas)."""
+        df = self.store.dataframe()
+        if df.empty:
+            return df
+        return df[df["stage"] == COMPRESS_STAGE].reset_index(drop=True)
+
+    def write_table(self) -> Path:
+        path = self.out / "compress.csv"
+        self.table().to_csv(path, index=False)
+        if self.config.run is not None:
+            from nas.search import write_tables
+
+            write_tables(self.out, self.store)
+        return path
+
+
+def _parse_user_or_space(space: str | None, options: Mapping[str, Any]) -> Callable[[str], Genotype]:
+    if space is None:
+        return Genotype.from_str
+    from nas.runners.ray_tune import SpaceParser
+
+    return SpaceParser(space, dict(options))
+
+
+def _top_candidates(store: RunStore, k: int) -> list[Genotype]:
+    """The run's Pareto front of finished architecture trials (feasible, non-dominated), best
+    first on the primary objective; the first ``k``."""
+    recs = [r for r in store.records() if r.get("stage") in ("search", None) and r["status"] == "complete"]
+    recs = [r for r in recs if losses(store.objectives, r["metrics"]) is not None]
+    if not recs:
+        raise ConfigError("the run has no completed trials to compress yet")
+    arr = np.array([losses(store.objectives, r["metrics"]) for r in recs], dtype=float)
+    feasible = np.array([not (r.get("violation") or 0) > 0 for r in recs])
+    mask = pareto_mask(arr, feasible)
+    front = [r for r, m in zip(recs, mask, strict=True) if m]
+    front.sort(key=lambda r: tuple(arr[recs.index(r)]))  # losses: best primary objective first
+    return [Genotype.from_str(r["genotype"]) for r in front[:k]]
+
+
+def prepare_compress(config: CompressConfig | None = None, resume: str | Path | None = None) -> CompressRun:
+    """Validate everything (policies against the model, data against the model), open the
+    store; run nothing. Bad input raises before anything is written."""
+    from nas.search import _lock_run_folder, read_config
+
+    if resume is not None:
+        path = Path(resume) / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"{str(resume)!r} holds no {CONFIG_FILE}; nothing to resume")
+        cfg = CompressConfig.from_mapping(json.loads(path.read_text()), source=str(path))
+    elif config is None:
+        raise ConfigError("nothing to compress: give --run DIR or --model SPEC")
+    else:
+        cfg = config
+
+    policies = [Policy.from_json(p) for p in cfg.policies] or builtin_policies(cfg.finetune_epochs)
+    if cfg.run is not None:
+        out = Path(cfg.run)
+        run_cfg = read_config(out)
+        from search_spaces import get_space
+
+        space = get_space(run_cfg.space, **dict(run_cfg.space_options))
+        if run_cfg.tiny:
+            space = space.tiny()
+        evaluator = CompressionEvaluator(
+            dataset=run_cfg.dataset,
+            artefacts_dir=str((out / ARTEFACTS).resolve()),
+            data_seed=run_cfg.seed,
+            standardize=True,
+            seed=run_cfg.seed,
+            space=run_cfg.space,
+            space_options=tuple(sorted(dict(space.options).items())),
+            weights_dir=str((out / "weights").resolve()),
+            train_epochs=run_cfg.epochs,
+            lr=run_cfg.lr,
+            batch_size=run_cfg.batch_size,
+            calib_size=cfg.calib_size,
+            threads=max(1, int(cfg.cpus_per_trial)),
+        )
+        objectives_from = None
+        parse = _parse_user_or_space(run_cfg.space, dict(space.options))
+        budget = cfg.finetune_epochs
+    else:
+        out = Path(str(cfg.out))
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
+        if resume is None and (out / CONFIG_FILE).exists():
+            raise ConfigError(f"{str(out)!r} already holds a compression run; continue it with --resume {out}")
+        evaluator = CompressionEvaluator(
+            dataset=str(cfg.dataset),
+            artefacts_dir=str((out / ARTEFACTS).resolve()),
+            data_seed=cfg.seed,
+            standardize=cfg.standardize,
+            seed=cfg.seed,
+            model_spec=cfg.model,
+            model_weights=cfg.weights,
+            calib_size=cfg.calib_size,
+            threads=max(1, int(cfg.cpus_per_trial)),
+        )
+        objectives_from = parse_objectives(cfg.objectives)
+        for o in objectives_from:
+            if o.metric not in COMPRESS_METRICS:
+                raise UnknownNameError("metric for compression objectives", o.metric, COMPRESS_METRICS)
+        parse = Genotype.from_str
+        budget = cfg.finetune_epochs
+
+    data = evaluator.data()  # a bad data set fails now
+    # pre-flight on the real model: layer names, data shape, TorchScript limits
+    if cfg.model is not None:
+        from .user_model import check_input, load_user_model, require_eager
+
+        user = load_user_model(cfg.model, cfg.weights, data.input_shape, data.num_classes)
+        check_input(user.module, data)
+        for pol in policies:
+            for spec in pol.passes:
+                if spec.name != "int8" and user.kind == "torchscript":
+                    require_eager(user, spec.name)
+            if user.kind != "torchscript":
+                check_policy(pol, user.module)
+        architectures = [user_genotype(user.sha1)]
+    else:
+        store_ro = _open_run_store(out, read_only=True)
+        architectures = _top_candidates(store_ro, cfg.top_k)
+        probe = evaluator._trainer()
+        model = probe.search_space().build(architectures[0], data.input_shape, data.num_classes)
+        if evaluator.space == "unireplk":
+            from search_spaces.large_kernel import reparameterize
+
+            reparameterize(model.eval())
+        for pol in policies:
+            check_policy(pol, model)
+    if cfg.runner == "ray":
+        from nas.runners.ray_tune import check_ray_address
+
+        check_ray_address(cfg.ray_address)
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from None
+    lock = _lock_run_folder(out)
+    try:
+        store = _open_run_store(out) if cfg.run is not None else _user_store(out, objectives_from or ())
+    except Exception:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
+    candidates = [(g, p.to_str()) for g in architectures for p in policies]
+    controller = CompressionController(store, candidates, budget=budget, seed=cfg.seed, parse=parse)
+    return CompressRun(out, cfg, store, controller, evaluator, architectures, policies, lock, created)
+
+
+def _open_run_store(out: Path, read_only: bool = False) -> RunStore:
+    from nas.search import open_store
+
+    return open_store(out, read_only=read_only)
+
+
+def _user_store(out: Path, objectives: Sequence[Objective]) -> RunStore:
+    url = f"sqlite:///{(out / 'study.db').resolve()}"
+    return RunStore(url, objectives, (), study_name=out.resolve().name)
+
+
+def run_compress(
+    config: CompressConfig | None = None,
+    resume: str | Path | None = None,
+    on_result: Callable[[Candidate, TrialResult], None] | None = None,
+) -> CompressRun:
+    run = prepare_compress(config, resume)
+    cfg = run.config
+    try:
+        if cfg.runner == "ray":
+            from nas.runners.ray_tune import run_ray
+
+            run_ray(
+                run.controller,  # type: ignore[arg-type]
+                run.evaluator,
+                cpus_per_trial=cfg.cpus_per_trial,
+                gpus_per_trial=cfg.gpus_per_trial,
+                max_concurrent=cfg.max_concurrent,
+                address=cfg.ray_address,
+                scheduler="none",  # one fine-tuning per candidate: nothing to stop early
+                storage_path=str((run.out / "ray-compress").resolve()),
+                parse=run.controller.strategy.space.from_str,
+                on_result=on_result,
+            )
+        else:
+            from nas.runners.local import run_local
+
+            run_local(run.controller, run.evaluator, on_result=on_result)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        run.write_table()
+        raise KeyboardInterrupt(f"nas-run compress --resume {run.out}") from None
+    finally:
+        if run.lock is not None and not run.lock.closed:
+            run.lock.close()
+    run.write_table()
+    return run
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

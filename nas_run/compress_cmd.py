@@ -1,0 +1,179 @@
+"""`nas-run compress`: flags -> `CompressConfig`, progress lines and the final table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_compress_parser", "compress_command"]
+
+
+def add_compress_parser(sub: Any) -> None:
+    c = sub.add_parser(
+        "compress",
+        help="compress a run's best candidates or your own model (pruning, low-rank, int8)",
+        description=(
+            "Compress the Pareto candidates of a search run (--run DIR) or your own model (--model SPEC). "
+            "Without pass flags or --policy, a built-in set of policies is tried. Each (model, policy) "
+            "pair is a trial: compressed, fine-tuned, exported and measured in ONNX Runtime."
+        ),
+    )
+    src = c.add_argument_group("what to compress")
+    src.add_argument("--run", metavar="DIR", help="a search run folder: compress its Pareto candidates")
+    src.add_argument("--top-k", type=int, help="how many of the run's front (best primary objective first); default 3")
+    src.add_argument("--model", metavar="SPEC", help="a TorchScript file, or package.module:callable building the model")
+    src.add_argument("--weights", metavar="FILE", help="state dict for --model's builder (.pt/.pth/.safetensors)")
+    src.add_argument("--dataset", help="--model: data set name, .npz file or image folder")
+    src.add_argument("--standardize", action="store_true", help="--model: standardise the data (default: as stored)")
+    src.add_argument("--out", metavar="DIR", help="--model: folder for the results and compressed models")
+    pol = c.add_argument_group("policy (flags chain into one policy; default: the built-in set)")
+    pol.add_argument("--prune", type=float, metavar="RATIO", help="structured channel pruning, e.g. 0.5")
+    pol.add_argument("--importance", default="l1", help="structured pruning criterion: l1, l2, taylor, bn_scale")
+    pol.add_argument("--sparsity", type=float, help="unstructured magnitude pruning, e.g. 0.8")
+    pol.add_argument("--lowrank", metavar="TARGET", help="low-rank SVD: '2x' (2x fewer parameters) or a kept fraction")
+    pol.add_argument("--int8", action="store_true", help="ONNX Runtime post-training int8 (last)")
+    pol.add_argument("--kd", action="store_true", help="fine-tune by distillation from the uncompressed model")
+    pol.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/low-rank (default 2)")
+    pol.add_argument("--policy", action="append", metavar="FILE", help="a policy file (JSON/TOML/YAML), repeatable")
+    c.add_argument("--objectives", help="--model: comma list (default val_acc,onnx_latency_ms)")
+    c.add_argument("--runner", help="local (default) or ray")
+    c.add_argument("--cpus-per-trial", type=float)
+    c.add_argument("--gpus-per-trial", type=float)
+    c.add_argument("--max-concurrent", type=int)
+    c.add_argument("--ray-address")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--calib-size", type=int, help="calibration samples held out of the training split")
+    c.add_argument("--resume", metavar="DIR", help="continue the compression run in DIR")
+    c.add_argument("--quiet", action="store_true")
+
+
+def _lowrank_target(text: str | None) -> float | None:
+    from search_spaces import ConfigError
+
+    if text is None:
+        return None
+    t = text.strip().lower()
+    try:
+        value = 1.0 / float(t[:-1]) if t.endswith("x") else float(t)
+    except (ValueError, ZeroDivisionError):
+        value = -1.0
+    if not 0 < value <= 1:
+        raise ConfigError(f"--lowrank takes '2x' (2x fewer parameters) or a kept fraction in (0, 1], got {text!r}")
+    return value
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    from compress.policy import load_policy_file
+    from compress.run import CompressConfig, policy_from_flags, run_compress
+    from search_spaces import ConfigError
+
+    if args.resume:
+        given = [k for k in ("run", "model", "prune", "sparsity", "lowrank", "policy") if getattr(args, k)]
+        if given or args.int8:
+            raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
+        progress = CompressProgress(args.quiet)
+        run = run_compress(resume=args.resume, on_result=progress.on_result)
+        progress.summary(run)
+        return 0
+    settings: dict[str, Any] = {}
+    for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
+                "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    if args.standardize:
+        settings["standardize"] = True
+    if args.objectives:
+        if args.run:
+            raise ConfigError("--objectives goes with --model; a run's compression trials use the run's objectives")
+        settings["objectives"] = tuple(s.strip() for s in args.objectives.split(",") if s.strip())
+    epochs = args.finetune_epochs if args.finetune_epochs is not None else 2
+    for name, value in (("--prune", args.prune), ("--sparsity", args.sparsity)):
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"{name} is a fraction in [0, 1), got {value}")
+    flags = policy_from_flags(
+        prune=args.prune,
+        sparsity=args.sparsity,
+        lowrank=_lowrank_target(args.lowrank),
+        int8=args.int8,
+        kd=args.kd,
+        finetune_epochs=epochs,
+        importance=args.importance,
+    )
+    policies = [load_policy_file(p) for p in args.policy or ()]
+    if flags is not None:
+        policies.append(flags)
+    if policies:
+        settings["policies"] = tuple(p.to_str() for p in policies)
+    config = CompressConfig.from_mapping(settings, source="flags")
+    progress = CompressProgress(args.quiet)
+    run = run_compress(config, on_result=progress.on_result)
+    progress.summary(run)
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit, div in (("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}B"
+
+
+class CompressProgress:
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.start, self.done = quiet, time.perf_counter(), 0
+
+    def on_result(self, cand: Any, result: Any) -> None:
+        from compress.policy import Policy
+
+        self.done += 1
+        if self.quiet:
+            return
+        m = result.metrics
+        label = Policy.from_json(cand.policy).label()
+        if result.status == "complete":
+            text = (
+                f"val_acc={m['val_acc']:.4f} (drop {m['acc_drop']:+.2f} pts) file={_size(m['file_bytes'])} "
+                f"ort={m['onnx_latency_ms']:.3f}ms speedup={m['speedup']:.2f}x"
+            )
+            if "params" in m:
+                text += f" params={m['params']:.0f}"
+        else:
+            text = result.error
+        print(
+            f"[{self.done:3d}] trial {cand.number:<3d} {result.status:<8} {cand.genotype.id[:8]} {label}: {text} "
+            f"({result.duration_s:.1f}s)  [{time.perf_counter() - self.start:.0f}s]",
+            flush=True,
+        )
+
+    def summary(self, run: Any) -> None:
+        df = run.table()
+        out = sys.stdout
+        if df.empty:
+            print("no compression trials", file=out)
+            return
+        from compress.policy import Policy
+
+        df = df.copy()
+        df["policy"] = [Policy.from_json(p).label() for p in df["policy"]]
+        df["arch"] = [str(g)[:8] for g in df["genotype_id"]]
+        cols = [c for c in ("number", "status", "arch", "val_acc", "acc_drop", "params", "file_bytes",
+                            "zip_bytes", "onnx_latency_ms", "speedup", "size_ratio", "policy") if c in df.columns]
+        print(f"\ncompression: {run.out}   trials: {df['status'].value_counts().to_dict()}", file=out)
+        with_pd_options(lambda: print(df[cols].to_string(index=False, max_colwidth=60), file=out))
+        if (df.get("sparsity") is not None) and (df["sparsity"].fillna(0) > 0.05).any():
+            print(
+                "note: unstructured sparsity shrinks the compressed file (zip_bytes) but gives no "
+                "speed-up in a dense runtime (ONNX Runtime, PyTorch)",
+                file=out,
+            )
+        print(f"table: {run.out / 'compress.csv'}   compressed models: {run.out / 'compressed'}/", file=out)
+
+
+def with_pd_options(fn: Any) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 200):
+        fn()

@@ -129,10 +129,14 @@ class Policy:
     def apply(self, model: Any, ctx: PassContext) -> Compressed:
         work = copy.deepcopy(model)  # the caller's model is never touched
         records: list[dict[str, Any]] = []
+        float_model = None
         for spec in self.passes:
-            work, record = get_pass(spec.name).apply(work, spec.settings, ctx)
+            p = get_pass(spec.name)
+            if p.terminal:
+                float_model = work  # the torch model the runtime model was made from
+            work, record = p.apply(work, spec.settings, ctx)
             records.append({"pass": spec.name, **_plain(record)})
-        return Compressed(self, work, records, list(ctx.notes))
+        return Compressed(self, work, records, list(ctx.notes), float_model if self.terminal else work)
 
     def replay(self, model: Any, records: Sequence[Mapping[str, Any]], ctx: PassContext) -> Any:
         if len(records) != len(self.passes):
@@ -149,12 +153,14 @@ class Policy:
 @dataclass
 class Compressed:
     """The outcome of `Policy.apply`: the model (a torch module, or a `QuantizedOnnx` when the
-    last pass is terminal), one record per pass, and remarks worth showing the user."""
+    last pass is terminal), one record per pass, remarks worth showing the user, and the last
+    torch model (the one a terminal pass turned into a runtime model; else ``model`` itself)."""
 
     policy: Policy
     model: Any
     records: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    float_model: Any = None
 
     @property
     def is_onnx(self) -> bool:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BaseModel", "CompressionEvaluator", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
 
+# what a TorchScript model can go through: its graph is fixed, so nothing that rebuilds layers
+TORCHSCRIPT_PASSES = ("int8", "finetune")
 USER_MODEL_SPACE = "model"  # genotype space name of a user's own model: model@1|sha1=h<hex>
 
 
@@ -124,7 +126,8 @@ class CompressionEvaluator:
             from .user_model import load_user_model
 
             user = load_user_model(str(self.model_spec), self.model_weights, data.input_shape, data.num_classes)
-            module, kind = user.module, user.kind
+            # BaseModel.kind is "eager" or "torchscript"; a builder's model is eager (user.kind "builder")
+            module, kind = user.module, ("torchscript" if user.kind == "torchscript" else "eager")
         else:
             trainer = self._trainer()
             path = trainer.weights_path(genotype, self.train_epochs)
@@ -180,7 +183,7 @@ class CompressionEvaluator:
             from .user_model import require_eager
 
             for spec in pol.passes:
-                if spec.name != "int8":
+                if spec.name not in TORCHSCRIPT_PASSES:
                     require_eager(base, spec.name)  # type: ignore[arg-type]
         ctx = self.context(base)
         torch.manual_seed(self.seed)

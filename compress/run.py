@@ -35,7 +35,7 @@ from nas.trial import Candidate, TrialResult
 from search_spaces import ConfigError, Genotype, UnknownNameError
 
 from .controller import COMPRESS_STAGE, CompressionController
-from .evaluate import CompressionEvaluator, check_policy, user_genotype
+from .evaluate import TORCHSCRIPT_PASSES, CompressionEvaluator, check_policy, user_genotype
 from .policy import Policy
 
 __all__ = [
@@ -298,7 +298,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         check_input(user.module, data)
         for pol in policies:
             for spec in pol.passes:
-                if spec.name != "int8" and user.kind == "torchscript":
+                if spec.name not in TORCHSCRIPT_PASSES and user.kind == "torchscript":
                     require_eager(user, spec.name)
             if user.kind != "torchscript":
                 check_policy(pol, user.module)

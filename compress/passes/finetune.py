@@ -1,0 +1,362 @@
+"""Fine-tuning after compression, optionally distilled from the uncompressed model.
+
+`train(model, ctx, epochs, ...)` trains a model in place on ``ctx.training()`` (the training
+split minus the calibration part, so int8/GPFQ calibration never sees what fine-tuning fits):
+AdamW with a one-cycle cosine schedule, seeded batch order, the same loop as
+`nas.training.TrainingEvaluator`. With a ``teacher`` the loss is knowledge distillation
+(Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", eq. 2 and the
+T^2 remark of section 2):
+
+    loss = alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))
+         + (1 - alpha) * CE(z_student, y)
+
+T^2 keeps the soft term's gradient scale independent of T. ``masks`` (parameter name -> 0/1
+tensor) are multiplied back after every optimizer step, so weights a pruning pass set to zero
+stay zero (AdamW's momentum and weight decay would otherwise revive them).
+
+The pass ``finetune`` wraps `train`. Its record says what happened (epochs, whether KD was on,
+the last epoch's loss, the SHA-1 of the resulting weights) but training is **not replayed**:
+`replay` returns the model unchanged. Whoever stores a policy's result stores the fine-tuned
+weights (safetensors) next to the records and loads them after replaying the structural passes;
+``weights_sha1`` lets them check that the weights they load are the ones this pass produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PolicyError
+from .base import PassContext, check_settings, register_pass
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FinetunePass", "evaluate_accuracy", "state_dict_sha1", "train", "zero_masks"]
+
+# a weight counts as pruned when any of it is exactly zero: trained dense weights are essentially
+# never exactly zero, and a global magnitude threshold may leave a layer well under 1% pruned,
+# whose few zeros must survive fine-tuning too
+MASK_MIN_ZERO_FRACTION = 1e-12
+_MASKED_TYPES = frozenset(
+    {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear"}
+)
+
+
+def train(
+    model: torch.nn.Module,
+    ctx: PassContext,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    teacher: torch.nn.Module | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    masks: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train ``model`` in place on ``ctx.training()``; returns ``{"train_loss", "epochs"}``.
+
+    ``train_loss`` is the mean loss of the last epoch (NaN when ``epochs`` is 0, which trains
+    nothing). The model is left in eval mode on ``ctx.device``. Same seed, same data, same
+    device: same weights (on the CPU bit for bit). A non-finite loss raises FloatingPointError.
+    """
+    import torch
+    from torch import nn
+
+    _check_hyper(epochs, lr, batch_size, temperature, alpha)
+    device = torch.device(ctx.device)
+    _make_leaf_parameters(model)
+    model.to(device)
+    if epochs == 0:
+        model.eval()
+        return {"train_loss": float("nan"), "epochs": 0}
+    params = dict(model.named_parameters())
+    applied = _checked_masks(masks or {}, params, device)
+
+    old_threads = torch.get_num_threads()
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+    try:
+        x_np, y_np = ctx.training()
+        x = torch.as_tensor(x_np).to(device)
+        y = torch.as_tensor(y_np).to(device)
+        soft = None
+        if teacher is not None:
+            soft = _teacher_logits(teacher, x, device, batch_size * 4)
+            k = _num_outputs(model, x[:2])
+            if tuple(soft.shape[1:]) != (k,):
+                raise PolicyError(
+                    f"finetune: the teacher gives outputs of shape {tuple(soft.shape[1:])} per sample, "
+                    f"the model {k}; distillation needs the same classes"
+                )
+
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        n = len(x)
+        # a trailing batch of one sample breaks BatchNorm in train mode; drop it (a different
+        # sample each epoch, since the order is reshuffled)
+        n_used = n - 1 if n > 1 and n % batch_size == 1 else n
+        steps_per_epoch = max(1, math.ceil(n_used / batch_size))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+        )
+        ce = nn.CrossEntropyLoss()
+        _apply_masks(applied, params)  # start from the pruned weights exactly
+        mean_loss = float("nan")
+        for epoch in range(1, epochs + 1):
+            if hasattr(model, "set_drop_path_progress"):  # ScheduledDropPath (NASNet)
+                model.set_drop_path_progress((epoch - 1) / max(1, epochs))
+            model.train()
+            order = torch.randperm(n, generator=gen).to(device)[:n_used]
+            total, seen = 0.0, 0
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size : (step + 1) * batch_size]
+                logits = model(x[idx])
+                loss = ce(logits, y[idx])
+                if soft is not None:
+                    loss = (1.0 - alpha) * loss + alpha * _kd_term(logits, soft[idx], temperature)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"fine-tuning loss became {loss.item()} at epoch {epoch}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                _apply_masks(applied, params)
+                total += loss.item() * len(idx)
+                seen += len(idx)
+            mean_loss = total / max(seen, 1)
+    finally:
+        torch.set_num_threads(old_threads)
+    model.eval()
+    return {"train_loss": mean_loss, "epochs": epochs}
+
+
+def _make_leaf_parameters(model: torch.nn.Module) -> None:
+    """``copy.deepcopy`` of a TorchScript module (Policy.apply copies the model) yields parameters
+    that are not autograd leaves, which no optimizer accepts; re-register them as leaves."""
+    import torch
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.is_leaf:
+                setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
+def _kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) at temperature T, averaged over the batch (Hinton 2015)."""
+    import torch.nn.functional as F
+
+    log_p_s = F.log_softmax(student / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher / temperature, dim=1)
+    # kl_div(input=log q, target=log p, log_target=True) = sum p (log p - log q)
+    return temperature**2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def _teacher_logits(
+    teacher: torch.nn.Module, x: torch.Tensor, device: torch.device, batch: int
+) -> torch.Tensor:
+    """The teacher's logits for every training sample, computed once: it is frozen, in eval mode,
+    and the inputs are not augmented, so its per-step outputs would be these same numbers."""
+    import torch
+
+    was_training = teacher.training
+    teacher.to(device).eval()
+    try:
+        with torch.inference_mode():
+            out = torch.cat([teacher(x[i : i + batch]) for i in range(0, len(x), batch)])
+    finally:
+        teacher.train(was_training)
+    return out.detach().clone()  # inference tensors cannot join autograd graphs later
+
+
+def _num_outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(was_training)
+    return int(out.shape[1])
+
+
+def evaluate_accuracy(model: torch.nn.Module, x: Any, y: Any, batch: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on numpy arrays or tensors ``x``, ``y``."""
+    import torch
+
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    xt, yt = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(xt), batch):
+            correct += int((model(xt[i : i + batch]).argmax(1) == yt[i : i + batch]).sum())
+    return correct / max(len(xt), 1)
+
+
+# -- masks ---------------------------------------------------------------------------------------
+def zero_masks(
+    model: torch.nn.Module, min_fraction: float = MASK_MIN_ZERO_FRACTION
+) -> dict[str, torch.Tensor]:
+    """0/1 masks of the exact zeros of Conv/Linear weights that are at least ``min_fraction``
+    zero (so unstructured pruning survives fine-tuning); keyed like ``named_parameters()``.
+    Works on TorchScript models too (a user's pruned TorchScript file keeps its zeros)."""
+    import torch
+    from torch import nn
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, module in model.named_modules():
+        # a TorchScript submodule keeps its eager class name in original_name
+        scripted = (
+            getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+        )
+        if not (isinstance(module, nn.modules.conv._ConvNd | nn.Linear) or scripted in _MASKED_TYPES):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        w = params.get(key)  # absent when torch.nn.utils.prune re-parametrised it (weight_orig)
+        if w is None or w.numel() == 0:
+            continue
+        zero = w.detach() == 0
+        if float(zero.float().mean()) >= min_fraction:
+            out[key] = (~zero).to(w.dtype)
+    return out
+
+
+def _checked_masks(
+    masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    import difflib
+
+    import torch
+
+    out = {}
+    for name, mask in masks.items():
+        if name not in params:
+            close = difflib.get_close_matches(name, list(params), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PolicyError(f"finetune: mask for {name!r}, which is not a parameter of the model{hint}")
+        p = params[name]
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) != tuple(p.shape):
+            raise PolicyError(
+                f"finetune: mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(p.shape)}"
+            )
+        out[name] = mask.to(device=device, dtype=p.dtype)
+    return out
+
+
+def _apply_masks(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+
+
+# -- identity of weights -------------------------------------------------------------------------
+def state_dict_sha1(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-1 over every state-dict entry's name, dtype, shape and raw bytes, in state-dict order."""
+    import torch
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    h = hashlib.sha1()
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- settings ------------------------------------------------------------------------------------
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_hyper(epochs: Any, lr: Any, batch_size: Any, temperature: Any, alpha: Any) -> None:
+    if not _integer(epochs) or epochs < 0:
+        raise PolicyError(f"finetune: epochs must be an integer >= 0, got {epochs!r}")
+    if not _number(lr) or lr <= 0:
+        raise PolicyError(f"finetune: lr must be a number > 0, got {lr!r}")
+    if not _integer(batch_size) or batch_size < 1:
+        raise PolicyError(f"finetune: batch_size must be an integer >= 1, got {batch_size!r}")
+    if not _number(temperature) or temperature <= 0:
+        raise PolicyError(f"finetune: temperature must be a number > 0, got {temperature!r}")
+    if not _number(alpha) or not 0 <= alpha <= 1:
+        raise PolicyError(f"finetune: alpha must be a number in [0, 1], got {alpha!r}")
+
+
+class FinetunePass:
+    """``finetune``: train the compressed model a few epochs (optionally distilled), keeping
+    pruned weights at zero. Not replayed: the caller stores and reloads the resulting weights."""
+
+    name = "finetune"
+    terminal = False
+    defaults: Mapping[str, Any] = {
+        "epochs": 1,
+        "lr": 1e-3,
+        "kd": False,
+        "temperature": 4.0,
+        "alpha": 0.5,
+        "batch_size": 64,
+    }
+
+    def validate(self, settings: Mapping[str, Any]) -> None:
+        s = check_settings(self.name, settings, self.defaults)
+        _check_hyper(s["epochs"], s["lr"], s["batch_size"], s["temperature"], s["alpha"])
+        if not isinstance(s["kd"], bool):
+            raise PolicyError(f"finetune: kd must be true or false, got {s['kd']!r}")
+
+    def apply(self, model: Any, settings: Mapping[str, Any], ctx: PassContext) -> tuple[Any, dict]:
+        import torch
+
+        s = check_settings(self.name, settings, self.defaults)
+        self.validate(s)
+        if not isinstance(model, torch.nn.Module):
+            raise PolicyError(f"finetune: needs a torch model, got {type(model).__name__} (put int8 last)")
+        if s["kd"] and ctx.teacher is None:
+            raise PolicyError("finetune: kd = true needs a teacher (the uncompressed model) in the context")
+        if s["epochs"] == 0:
+            return model, {
+                "epochs": 0,
+                "kd": bool(s["kd"]),
+                "train_loss": None,
+                "weights_sha1": state_dict_sha1(model),
+            }
+        out = train(
+            model,
+            ctx,
+            epochs=s["epochs"],
+            lr=float(s["lr"]),
+            batch_size=s["batch_size"],
+            teacher=ctx.teacher if s["kd"] else None,
+            temperature=float(s["temperature"]),
+            alpha=float(s["alpha"]),
+            masks=zero_masks(model),
+            seed=ctx.seed,
+        )
+        record = {
+            "epochs": s["epochs"],
+            "kd": bool(s["kd"]),
+            "train_loss": float(out["train_loss"]),
+            "weights_sha1": state_dict_sha1(model),
+        }
+        return model, record
+
+    def replay(self, model: Any, record: Mapping[str, Any], ctx: PassContext) -> Any:
+        """Training is not replayed: the model comes back unchanged, and the caller loads the
+        fine-tuned weights it stored (``record["weights_sha1"]`` identifies them)."""
+        return model
+
+
+FINETUNE = register_pass(
+    FinetunePass(), "fine-tune the compressed model (AdamW, optional knowledge distillation)"
+)

@@ -77,6 +77,7 @@ class CompressConfig:
     out: str | None = None  # --model: the folder for results (a --run writes into the run)
     top_k: int = 3
     policies: tuple[str, ...] = ()  # canonical policy texts; empty: the built-in set
+    nni_config: str | None = None  # an NNI pruning config_list file: turned into one more policy
     objectives: tuple[str, ...] = ("val_acc", "onnx_latency_ms")  # --model runs (a run keeps its own)
     finetune_epochs: int = 2  # of the built-in policies
     seed: int = 0
@@ -314,6 +315,16 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             reparameterize(model.eval())
         for pol in policies:
             check_policy(pol, model)
+    if cfg.nni_config is not None:
+        # converted once, against the real model, and kept as a policy text: a resume does not
+        # depend on the file any more
+        from .nni_config import policy_from_nni_config
+
+        target = user.module if cfg.model is not None else model
+        nni_policy = policy_from_nni_config(_read_nni_config(cfg.nni_config), target)
+        check_policy(nni_policy, target)
+        policies = [*([Policy.from_json(p) for p in cfg.policies]), nni_policy]
+        cfg = cfg.replace(policies=tuple(p.to_str() for p in policies), nni_config=None)
     if cfg.runner == "ray":
         from nas.runners.ray_tune import check_ray_address
 
@@ -335,6 +346,26 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
     candidates = [(g, p.to_str()) for g in architectures for p in policies]
     controller = CompressionController(store, candidates, budget=budget, seed=cfg.seed, parse=parse)
     return CompressRun(out, cfg, store, controller, evaluator, architectures, policies, lock, created)
+
+
+def _read_nni_config(path: str) -> list[Any]:
+    """An NNI ``config_list``: a JSON/YAML/TOML file holding the list, or a table with a
+    ``config_list`` key."""
+    from nas.config import load_config_file
+
+    p = Path(path)
+    if p.suffix == ".json" and p.is_file():
+        try:
+            data: Any = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"cannot parse {p}: {exc}") from None
+    else:
+        data = load_config_file(p)
+    if isinstance(data, Mapping):
+        data = data.get("config_list")
+    if not isinstance(data, list):
+        raise ConfigError(f"{p}: expected an NNI config_list (a list of tables, or config_list = [...])")
+    return data
 
 
 def _open_run_store(out: Path, read_only: bool = False) -> RunStore:

@@ -37,6 +37,7 @@ def add_compress_parser(sub: Any) -> None:
     pol.add_argument("--kd", action="store_true", help="fine-tune by distillation from the uncompressed model")
     pol.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/low-rank (default 2)")
     pol.add_argument("--policy", action="append", metavar="FILE", help="a policy file (JSON/TOML/YAML), repeatable")
+    pol.add_argument("--nni-config", metavar="FILE", help="an NNI pruning config_list (JSON/YAML/TOML) as one more policy")
     c.add_argument("--objectives", help="--model: comma list (default val_acc,onnx_latency_ms)")
     c.add_argument("--runner", help="local (default) or ray")
     c.add_argument("--cpus-per-trial", type=float)
@@ -70,7 +71,7 @@ def compress_command(args: argparse.Namespace) -> int:
     from search_spaces import ConfigError
 
     if args.resume:
-        given = [k for k in ("run", "model", "prune", "sparsity", "lowrank", "policy") if getattr(args, k)]
+        given = [k for k in ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config") if getattr(args, k)]
         if given or args.int8:
             raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
         progress = CompressProgress(args.quiet)
@@ -79,7 +80,8 @@ def compress_command(args: argparse.Namespace) -> int:
         return 0
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
-                "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs"):
+                "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs",
+                "nni_config"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value

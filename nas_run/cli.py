@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://... (default: SQLite in DIR)")
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR (optionally with more --trials)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    s.add_argument(
+        "--compress",
+        action="store_true",
+        help="then compress the run's best candidates with the built-in policies (as `nas-run compress --run DIR`)",
+    )
     show = sub.add_parser(
         "show",
         help="a run's trials and Pareto front (while it runs, too)",
@@ -136,6 +141,13 @@ def _search(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.quiet)
     run = run_search(config, resume=args.resume, on_result=progress.on_result)
     progress.summary(run)
+    if args.compress:
+        from compress.run import CompressConfig, run_compress
+        from nas_run.compress_cmd import CompressProgress
+
+        print(f"\ncompressing the best candidates of {run.out} (nas-run compress --run {run.out})")
+        shown = CompressProgress(args.quiet)
+        shown.summary(run_compress(CompressConfig(run=str(run.out)), on_result=shown.on_result))
     return 0
 
 

@@ -349,6 +349,11 @@ class FinetunePass:
             "train_loss": float(out["train_loss"]),
             "weights_sha1": state_dict_sha1(model),
         }
+        # trained on the GPU a trial was given, if any; the passes after this one (export,
+        # int8 calibration) and the measurements run on the CPU
+        model.cpu()
+        if ctx.teacher is not None:
+            ctx.teacher.cpu()
         return model, record
 
     def replay(self, model: Any, record: Mapping[str, Any], ctx: PassContext) -> Any:

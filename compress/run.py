@@ -79,7 +79,8 @@ class CompressConfig:
     policies: tuple[str, ...] = ()  # canonical policy texts; empty: the built-in set
     nni_config: str | None = None  # an NNI pruning config_list file: turned into one more policy
     objectives: tuple[str, ...] = ("val_acc", "onnx_latency_ms")  # --model runs (a run keeps its own)
-    finetune_epochs: int = 2  # of the built-in policies
+    finetune_epochs: int = 4  # of the built-in policies
+    finetune_lr: float = 3e-3  # of the built-in policies (the search's own training lr)
     seed: int = 0
     calib_size: int = 256
     runner: str = "local"
@@ -95,10 +96,10 @@ class CompressConfig:
             raise ConfigError("--model needs --dataset (the data to calibrate, fine-tune and measure on) and --out DIR")
         if self.run is not None and self.weights is not None:
             raise ConfigError("--weights goes with --model; a run's weights are in its folder")
-        if self.top_k < 1 or self.finetune_epochs < 0 or self.calib_size < 1:
+        if self.top_k < 1 or self.finetune_epochs < 0 or self.calib_size < 1 or self.finetune_lr <= 0:
             raise ConfigError(
-                f"top_k and calib_size must be >= 1 and finetune_epochs >= 0, got {self.top_k}, "
-                f"{self.calib_size}, {self.finetune_epochs}"
+                f"top_k and calib_size must be >= 1, finetune_epochs >= 0 and finetune_lr > 0, got "
+                f"{self.top_k}, {self.calib_size}, {self.finetune_epochs}, {self.finetune_lr}"
             )
         if self.runner not in RUNNERS:
             raise UnknownNameError("runner", self.runner, RUNNERS)
@@ -122,21 +123,23 @@ class CompressConfig:
         return dataclasses.replace(self, **changes)
 
 
-def builtin_policies(finetune_epochs: int = 2) -> list[Policy]:
+def builtin_policies(finetune_epochs: int = 4, lr: float = 3e-3) -> list[Policy]:
     """What `nas-run compress` tries when no policy is given: one of each kind, and a chain.
 
-    Fine-tuning after structural changes distils from the uncompressed model (KD recovers
-    more than plain fine-tuning after aggressive pruning: results/compress.md). int8 uses the
-    settings that were fastest in ONNX Runtime on this CPU (QOperator, per-channel; see
-    BENCHMARKS.md: QDQ gives no speed-up here).
+    Fine-tuning after structural changes distils from the uncompressed model (soft targets
+    recover more than labels alone after pruning). int8 uses the settings that were fastest in
+    ONNX Runtime on this CPU (QOperator, per-channel; QDQ gives no speed-up here, BENCHMARKS.md).
+    The ratios are moderate: the default search's models have 1-10k parameters and 8-16
+    channels per layer, where every channel counts (results/compress.md).
     """
-    ft = ("finetune", {"epochs": finetune_epochs, "kd": True})
-    plain_ft = ("finetune", {"epochs": finetune_epochs})
+    ft = ("finetune", {"epochs": finetune_epochs, "lr": lr, "kd": True})
+    plain_ft = ("finetune", {"epochs": finetune_epochs, "lr": lr})
     int8 = ("int8", {"format": "qoperator", "per_channel": True, "calibration": "minmax"})
     out = [
+        Policy.of(("structured", {"ratio": 0.3, "importance": "l1"}), ft),
         Policy.of(("structured", {"ratio": 0.5, "importance": "l1"}), ft),
-        Policy.of(("lowrank", {"target": 0.5, "allocation": "optimal"}), plain_ft),
-        Policy.of(("unstructured", {"sparsity": 0.8, "scope": "global"}), plain_ft),
+        Policy.of(("lowrank", {"target": 0.5, "allocation": "optimal"}), ft),
+        Policy.of(("unstructured", {"sparsity": 0.5, "scope": "global"}), plain_ft),
         Policy.of(int8),
         Policy.of(("structured", {"ratio": 0.3, "importance": "l1"}), ft, int8),
     ]
@@ -151,8 +154,9 @@ def policy_from_flags(
     lowrank: float | None = None,
     int8: bool = False,
     kd: bool = False,
-    finetune_epochs: int = 2,
+    finetune_epochs: int = 4,
     importance: str = "l1",
+    finetune_lr: float = 3e-3,
 ) -> Policy | None:
     """One policy chaining what the flags ask for, in the order that makes sense: structure
     first (pruning, low-rank), then unstructured sparsity, fine-tuning, and int8 last.
@@ -165,7 +169,7 @@ def policy_from_flags(
     if sparsity:
         steps.append(("unstructured", {"sparsity": sparsity}))
     if steps and finetune_epochs > 0:
-        steps.append(("finetune", {"epochs": finetune_epochs, "kd": kd}))
+        steps.append(("finetune", {"epochs": finetune_epochs, "lr": finetune_lr, "kd": kd}))
     if int8:
         steps.append(("int8", {}))
     return Policy.of(*steps) if steps else None
@@ -239,7 +243,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
     else:
         cfg = config
 
-    policies = [Policy.from_json(p) for p in cfg.policies] or builtin_policies(cfg.finetune_epochs)
+    policies = [Policy.from_json(p) for p in cfg.policies] or builtin_policies(cfg.finetune_epochs, cfg.finetune_lr)
     if cfg.run is not None:
         out = Path(cfg.run)
         run_cfg = read_config(out)

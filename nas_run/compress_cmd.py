@@ -35,7 +35,8 @@ def add_compress_parser(sub: Any) -> None:
     pol.add_argument("--lowrank", metavar="TARGET", help="low-rank SVD: '2x' (2x fewer parameters) or a kept fraction")
     pol.add_argument("--int8", action="store_true", help="ONNX Runtime post-training int8 (last)")
     pol.add_argument("--kd", action="store_true", help="fine-tune by distillation from the uncompressed model")
-    pol.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/low-rank (default 2)")
+    pol.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/low-rank (default 4)")
+    pol.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 3e-3)")
     pol.add_argument("--policy", action="append", metavar="FILE", help="a policy file (JSON/TOML/YAML), repeatable")
     pol.add_argument("--nni-config", metavar="FILE", help="an NNI pruning config_list (JSON/YAML/TOML) as one more policy")
     c.add_argument("--objectives", help="--model: comma list (default val_acc,onnx_latency_ms)")
@@ -81,7 +82,7 @@ def compress_command(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
                 "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs",
-                "nni_config"):
+                "finetune_lr", "nni_config"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -91,7 +92,8 @@ def compress_command(args: argparse.Namespace) -> int:
         if args.run:
             raise ConfigError("--objectives goes with --model; a run's compression trials use the run's objectives")
         settings["objectives"] = tuple(s.strip() for s in args.objectives.split(",") if s.strip())
-    epochs = args.finetune_epochs if args.finetune_epochs is not None else 2
+    epochs = args.finetune_epochs if args.finetune_epochs is not None else 4
+    lr = args.finetune_lr if args.finetune_lr is not None else 3e-3
     for name, value in (("--prune", args.prune), ("--sparsity", args.sparsity)):
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"{name} is a fraction in [0, 1), got {value}")
@@ -103,6 +105,7 @@ def compress_command(args: argparse.Namespace) -> int:
         kd=args.kd,
         finetune_epochs=epochs,
         importance=args.importance,
+        finetune_lr=lr,
     )
     policies = [load_policy_file(p) for p in args.policy or ()]
     if flags is not None:
@@ -159,12 +162,15 @@ class CompressProgress:
         from compress.policy import Policy
 
         df = df.copy()
+        df["policy_text"] = df["policy"]
         df["policy"] = [Policy.from_json(p).label() for p in df["policy"]]
         df["arch"] = [str(g)[:8] for g in df["genotype_id"]]
         cols = [c for c in ("number", "status", "arch", "val_acc", "acc_drop", "params", "file_bytes",
                             "zip_bytes", "onnx_latency_ms", "speedup", "size_ratio", "policy") if c in df.columns]
         print(f"\ncompression: {run.out}   trials: {df['status'].value_counts().to_dict()}", file=out)
         with_pd_options(lambda: print(df[cols].to_string(index=False, max_colwidth=60), file=out))
+        for note in _notes(run.out, df):
+            print(f"note: {note}", file=out)
         if (df.get("sparsity") is not None) and (df["sparsity"].fillna(0) > 0.05).any():
             print(
                 "note: unstructured sparsity shrinks the compressed file (zip_bytes) but gives no "
@@ -172,6 +178,25 @@ class CompressProgress:
                 file=out,
             )
         print(f"table: {run.out / 'compress.csv'}   compressed models: {run.out / 'compressed'}/", file=out)
+
+
+def _notes(out: Any, df: Any) -> list[str]:
+    """The passes' remarks (layers left unpruned, settings that did less than asked), from the
+    kept artefacts of the trials shown, each once."""
+    import json
+
+    from compress.evaluate import artefact_dir
+    from compress.policy import Policy
+    from search_spaces import Genotype
+
+    seen: list[str] = []
+    for genotype, policy in zip(df["genotype"], df["policy_text"], strict=True):
+        path = artefact_dir(out / "compressed", Genotype.from_str(genotype), Policy.from_json(policy)) / "policy.json"
+        if path.is_file():
+            for note in json.loads(path.read_text()).get("notes", []):
+                if note not in seen and "no dense-runtime speed-up" not in note:
+                    seen.append(note)
+    return seen
 
 
 def with_pd_options(fn: Any) -> None:

@@ -170,3 +170,14 @@ def test_user_errors_are_one_line_and_exit_2(search_dir, tmp_path, capsys):
         assert err.count("\n") == 0 and needle in err, (args, err)
     assert len(_compress_rows(search_dir)) == n  # nothing half-written in the store
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compress_with_the_ray_runner_records_every_pair(search_dir):
+    sparse2 = Policy.of(("unstructured", {"sparsity": 0.7}), ("finetune", {"epochs": 1})).to_str()
+    cfg = CompressConfig(run=str(search_dir), top_k=2, policies=(SPARSE, sparse2), runner="ray", max_concurrent=2)
+    run_compress(cfg)
+    rows = _compress_rows(search_dir)
+    mine = rows[rows.policy.isin([SPARSE, sparse2])]
+    assert len(mine) == 4 and set(mine.status) == {"complete"}
+    assert (mine.sparsity > 0.5).all()

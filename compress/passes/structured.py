@@ -150,6 +150,10 @@ class StructuredPruning:
         _restore_flags(work, modes)
         _verify(work, x, expected, type(model).__name__, history)
         _notes(ctx, work, s, history, off_grid)
+        left = sorted({*skipped, *failed, *unsafe})
+        if left:  # named, not hidden: the model is valid, these layers just kept their channels
+            ctx.notes.append(f"structured: left unpruned (Torch-Pruning cannot prune them safely): {', '.join(left[:8])}"
+                             + (f" and {len(left) - 8} more" if len(left) > 8 else ""))
         after = profile(work, shape)
         return work, _record(shape, history, _layer_widths(model, work), sorted({*skipped, *failed, *unsafe}),
                              before, after)

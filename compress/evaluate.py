@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from nas.data import Dataset
 
-__all__ = ["BaseModel", "CompressionEvaluator", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
+__all__ = ["BaseModel", "CompressionEvaluator", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
 
 # what a TorchScript model can go through: its graph is fixed, so nothing that rebuilds layers
 TORCHSCRIPT_PASSES = ("int8", "finetune")
@@ -55,12 +55,38 @@ def artefact_dir(root: str | Path, genotype: Genotype, policy: Policy) -> Path:
 
 @dataclass
 class BaseModel:
-    """The uncompressed model in its deploy form, and what it scores (the reference)."""
+    """The uncompressed model: ``module`` in its training form (what the passes start from, and
+    the distillation teacher), ``deploy`` in the form it ships in (large-kernel branches and BNs
+    merged; the same object when there is nothing to merge), and what it scores (the reference)."""
 
     module: nn.Module
     kind: str  # "eager" or "torchscript"
     val_acc: float
     retrained: bool = False
+    deploy: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.deploy is None:
+            self.deploy = self.module
+
+
+# passes that keep every layer's type, so they can run on the training form (with its BNs and
+# branches) and be merged afterwards; anything else sees the merged (deploy) form
+TRAINING_FORM_PASSES = ("structured", "unstructured", "finetune")
+
+
+def deploy_policy(policy: Policy, mergeable: bool) -> Policy:
+    """The policy as applied to a model with re-parameterisable blocks: a "merge" pass inserted
+    before the first pass that needs the deploy form, or appended (the shipped model is always
+    merged). A policy that names "merge" itself is taken as written. Pruning the training form
+    and merging afterwards keeps far more accuracy than pruning the merged model
+    (`compress.passes.merge`)."""
+    names = [s.name for s in policy.passes]
+    if not mergeable or "merge" in names:
+        return policy
+    at = next((i for i, n in enumerate(names) if n not in TRAINING_FORM_PASSES), len(names))
+    merge = Policy.of("merge").passes
+    return Policy(policy.passes[:at] + merge + policy.passes[at:])
 
 
 @functools.lru_cache(maxsize=2)
@@ -145,15 +171,22 @@ class CompressionEvaluator:
                     save_weights(module, path)
                 retrained = True
             kind = "eager"
-            if self.space == "unireplk":
-                from search_spaces.large_kernel import reparameterize
-
-                module.eval()
-                reparameterize(module)
         module = module.cpu().eval()
+        deploy = module
+        if self.mergeable:
+            import copy
+
+            from search_spaces.large_kernel import reparameterize
+
+            deploy = reparameterize(copy.deepcopy(module).eval())
         with torch.no_grad():
-            acc = evaluate_accuracy(module, data.x_val, data.y_val)
-        return BaseModel(module, kind, acc, retrained)
+            acc = evaluate_accuracy(deploy, data.x_val, data.y_val)
+        return BaseModel(module, kind, acc, retrained, deploy)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether this run's models have training branches to merge (the large-kernel space)."""
+        return self.space == "unireplk"
 
     def context(self, base: BaseModel) -> PassContext:
         import torch
@@ -187,11 +220,11 @@ class CompressionEvaluator:
                     require_eager(base, spec.name)  # type: ignore[arg-type]
         ctx = self.context(base)
         torch.manual_seed(self.seed)
-        out = pol.apply(base.module, ctx)
+        out = deploy_policy(pol, self.mergeable).apply(base.module, ctx)
         metrics = self.measure(base, out)
         metrics["retrained"] = float(base.retrained)
         metrics["gpu"] = float(ctx.device.startswith("cuda"))
-        self._keep(genotype, out, metrics)
+        self._keep(genotype, pol, out, metrics)
         report(1, {"val_acc": metrics["val_acc"]})
         return metrics
 
@@ -203,7 +236,7 @@ class CompressionEvaluator:
 
         data = self.data()
         shape = tuple(data.input_shape)
-        base_bytes = export_float_onnx(base.module, shape)
+        base_bytes = export_float_onnx(base.deploy, shape)
         if out.is_onnx:
             model_bytes = out.model.model_bytes
             torch_model = None
@@ -230,12 +263,12 @@ class CompressionEvaluator:
         m["acc_drop"] = 100.0 * (m["base_val_acc"] - val_acc)  # in points
         m["size_ratio"] = m["base_file_bytes"] / m["file_bytes"]
         # an int8 candidate's params/FLOPs are those of the float model it quantised
-        stats_model = out.float_model if out.float_model is not None else base.module
+        stats_model = out.float_model if out.float_model is not None else base.deploy
         if stats_model is not None and base.kind == "eager":
             stats = profile(stats_model, shape)
             m.update(params=float(stats.params), flops=float(stats.flops), macs=float(stats.macs))
             m["sparsity"] = _sparsity(stats_model)
-            base_stats = profile(base.module, shape)
+            base_stats = profile(base.deploy, shape)
             m["base_params"] = float(base_stats.params)
         if torch_model is not None and base.kind == "eager":
             from nas.cost import measure_latency
@@ -246,9 +279,10 @@ class CompressionEvaluator:
             m["latency_ms"] = ms
         return m
 
-    def _keep(self, genotype: Genotype, out: Compressed, metrics: dict[str, float]) -> None:
+    def _keep(self, genotype: Genotype, policy: Policy, out: Compressed, metrics: dict[str, float]) -> None:
         """The compressed model and its records, written atomically into its own folder."""
-        final = artefact_dir(self.artefacts_dir, genotype, out.policy)
+        policy_text = policy.to_str()
+        final = artefact_dir(self.artefacts_dir, genotype, policy)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -262,8 +296,11 @@ class CompressionEvaluator:
             json.dumps(
                 {
                     "genotype": genotype.to_str(),
-                    "policy": out.policy.to_json(),
-                    "policy_id": out.policy.id,
+                    # the trial's policy, and the one applied (a "merge" pass added where the
+                    # model has training branches): the records are those of the applied one
+                    "policy": Policy.from_json(policy_text).to_json(),
+                    "policy_id": Policy.from_json(policy_text).id,
+                    "applied": out.policy.to_json(),
                     "records": out.records,
                     "notes": out.notes,
                     "metrics": metrics,

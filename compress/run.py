@@ -312,11 +312,8 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         store_ro = _open_run_store(out, read_only=True)
         architectures = _top_candidates(store_ro, cfg.top_k)
         probe = evaluator._trainer()
+        # the training form: the passes start from it (see `deploy_policy`)
         model = probe.search_space().build(architectures[0], data.input_shape, data.num_classes)
-        if evaluator.space == "unireplk":
-            from search_spaces.large_kernel import reparameterize
-
-            reparameterize(model.eval())
         for pol in policies:
             check_policy(pol, model)
     if cfg.nni_config is not None:

@@ -96,7 +96,10 @@ def test_low_rank_replay_from_the_kept_records_rebuilds_the_compressed_structure
     from search_spaces import Genotype
 
     base = ev.load_base(Genotype.from_str(r.genotype))
-    rebuilt = Policy.from_json(r.policy).replay(base.module, meta["records"], PassContext(ev.data()))
+    # the applied policy: the trial's, with the merge of the large-kernel branches inserted
+    applied = Policy.from_json(meta["applied"])
+    assert [s.name for s in applied.passes] == ["merge", "lowrank", "finetune"]
+    rebuilt = applied.replay(base.module, meta["records"], PassContext(ev.data()))
     saved = load_file(str(folder / "model.safetensors"))
     state = rebuilt.state_dict()
     assert set(state) == set(saved)

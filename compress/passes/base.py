@@ -136,7 +136,7 @@ def _load_builtin() -> None:
     # the built-in passes register themselves on import; heavy libraries stay inside functions
     import importlib
 
-    for mod in ("unstructured", "structured", "lowrank", "int8", "lowbit", "finetune"):
+    for mod in ("unstructured", "structured", "lowrank", "int8", "lowbit", "finetune", "merge"):
         try:
             importlib.import_module(f"compress.passes.{mod}")
         except ModuleNotFoundError as exc:

@@ -11,6 +11,8 @@ Heavy libraries (Torch-Pruning, ONNX Runtime quantization) are imported inside t
 """
 
 from .errors import PolicyError
+from .export import export_trial
+from .export_formats import load_model
 from .passes import PassContext, QuantizedOnnx, get_pass, list_passes
 from .policy import Compressed, PassSpec, Policy, load_policy_file
 
@@ -21,7 +23,9 @@ __all__ = [
     "Policy",
     "PolicyError",
     "QuantizedOnnx",
+    "export_trial",
     "get_pass",
     "list_passes",
+    "load_model",
     "load_policy_file",
 ]

@@ -1,0 +1,568 @@
+"""Export formats: the deploy form of a model, writing it as ONNX / int8 ONNX / TorchScript /
+safetensors with its metadata, and loading an export back — checked, never silently wrong.
+
+Every export carries the same metadata (plain JSON): genotype, search space and its resolved
+options (or the user's builder), input spec (shape, dtype, layout, the standardisation the
+model expects, class names), policy and per-pass records, the trial's metrics, and a SHA-256
+of the weights. Where it lives:
+
+| format | file | metadata | integrity hash |
+|---|---|---|---|
+| ``onnx``, ``onnx-int8`` | ``PATH`` (opset 17, input ``input`` ``(batch, *shape)``, batch dynamic) | ``metadata_props`` | SHA-256 of the serialised graph (``weights_sha256``) |
+| ``torchscript`` | ``PATH`` (``torch.jit.trace`` of the deploy model) | extra file ``nas_run.json`` | SHA-256 of the state dict |
+| ``safetensors`` | ``PATH`` (the deploy model's state dict) | sidecar ``PATH.json``; genotype also in the safetensors header | SHA-256 of the file |
+
+`load_export` checks the hash (a truncated or edited file is an `ExportError` naming the file),
+and for safetensors rebuilds the model without any pickle: genotype -> `SearchSpace.build` ->
+`Policy.replay` of the applied policy's records (the compression stage's "merge" pass among
+them) -> the same deploy form -> the weights, after checking that the rebuilt state dict has exactly the file's keys and
+shapes and that the header's genotype is the sidecar's.
+
+Deploy form (`deploy_form`): re-parameterisation branches merged (`lk_blocks.reparameterize`,
+which also folds the large-kernel space's BatchNorms) and every other BatchNorm that directly
+follows a convolution inside an ``nn.Sequential`` (or NASNet's ``FactorizedReduce``) folded
+into it. Only those pairs are folded: there the conv's output provably feeds nothing but the
+BN; a BN after a Python ``forward`` is left as it is (still correct, one op more).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search_spaces import Genotype, get_space
+
+from .errors import PolicyError
+from .passes.base import PassContext
+from .policy import Policy
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+__all__ = [
+    "FORMATS",
+    "FORMAT_VERSION",
+    "OPSET",
+    "ExportCheckError",
+    "ExportError",
+    "Exported",
+    "ModelSpec",
+    "deploy_form",
+    "fold_batchnorm",
+    "load_export",
+    "load_model",
+    "write_export",
+]
+
+FORMATS = ("onnx", "onnx-int8", "torchscript", "safetensors")
+FORMAT_VERSION = 1
+OPSET = 17  # compress.passes.int8.OPSET: the float and int8 exports share it
+TS_EXTRA = "nas_run.json"  # the TorchScript extra file holding the metadata
+SIDE_SUFFIX = ".json"  # safetensors sidecar: PATH + ".json"
+DEPLOY_STEPS = ["reparameterize", "fold_batchnorm"]
+# metadata keys whose values are plain strings in ONNX metadata_props (the others are JSON)
+_STR_KEYS = frozenset({"format", "producer", "genotype", "genotype_id", "space", "builder", "policy", "applied_policy",
+                       "policy_id", "policy_label", "stage", "run", "weights_sha256"})
+
+
+class ExportError(PolicyError):
+    """An export file that cannot be trusted: truncated, edited, or with a sidecar of another
+    model. The message names the file."""
+
+
+class ExportCheckError(ExportError):
+    """An export whose outputs, loaded back in its runtime, differ from the trial's model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the model an export holds, as plain data
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that rebuilds a model's structure without a pickle: a search space's genotype
+    (or a user's builder ``package.module:callable``), the input and classes it was built for,
+    and the policy as it was applied (``applied``: with the "merge" pass the compression stage
+    inserts for re-parameterisable models) with one record per pass."""
+
+    genotype: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    space: str | None = None
+    space_options: Mapping[str, Any] = field(default_factory=dict)
+    builder: str | None = None
+    applied: str = ""
+    records: tuple[Mapping[str, Any], ...] = ()
+
+    def build(self) -> nn.Module:
+        """The structure of the compressed model (eval mode; weights are the builder's own): the
+        genotype built (training form), the non-terminal passes of the applied policy replayed
+        from the records."""
+        if self.space is not None:
+            space = get_space(self.space, **dict(self.space_options))
+            model = space.build(space.from_str(self.genotype), self.input_shape, self.num_classes)
+        elif self.builder is not None:
+            from .user_model import load_user_model
+
+            user = load_user_model(self.builder, None, self.input_shape, self.num_classes)
+            if user.kind == "torchscript":
+                raise PolicyError(f"{self.builder!r} builds a TorchScript model: its structure cannot be rebuilt")
+            model = user.module
+        else:
+            raise PolicyError("the model names neither a search space nor a builder")
+        policy = Policy.from_json(self.applied)
+        passes, records = policy.passes, list(self.records)
+        if policy.terminal:  # int8 in ONNX Runtime: the torch model is the one before it
+            passes, records = passes[:-1], records[:-1]
+        if passes:
+            ctx = PassContext(data=_ShapeOnly(self.input_shape, self.num_classes))
+            model = Policy(passes).replay(model.eval(), records, ctx)
+        return model.eval()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "genotype": self.genotype,
+            "genotype_id": Genotype.from_str(self.genotype).id,
+            "space": self.space,
+            "space_options": _plain(dict(self.space_options)),
+            "builder": self.builder,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "applied_policy": self.applied,
+            "records": _plain(list(self.records)),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ModelSpec:
+        return cls(
+            genotype=str(d["genotype"]),
+            input_shape=tuple(int(v) for v in d["input_shape"]),
+            num_classes=int(d["num_classes"]),
+            space=d.get("space"),
+            space_options=dict(d.get("space_options") or {}),
+            builder=d.get("builder"),
+            applied=str(d.get("applied_policy") or ""),
+            records=tuple(d.get("records") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class _ShapeOnly:
+    """The part of a `Dataset` that replaying float passes reads: no data is needed to replay."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# deploy form
+
+
+def deploy_form(model: nn.Module) -> nn.Module:
+    """In place: eval mode, re-parameterisation branches merged, Conv+BN pairs folded. Returns it.
+    A TorchScript module is returned as it is (its graph is fixed)."""
+    import torch
+
+    model.eval()
+    if isinstance(model, torch.jit.ScriptModule):
+        return model
+    from search_spaces.lk_blocks import reparameterize
+
+    reparameterize(model)  # touches only the large-kernel space's modules
+    fold_batchnorm(model)
+    return model
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution in an ``nn.Sequential`` (the
+    conv may be the last layer of a nested plain Sequential, as a low-rank pair is) or in
+    NASNet's ``FactorizedReduce`` into that conv (`torch.nn.utils.fusion.fuse_conv_bn_eval`); the
+    BN becomes ``nn.Identity``. In place, eval mode; returns the number folded. Which pairs fold
+    depends only on the structure, so a rebuilt model folds the same ones."""
+    import torch
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from search_spaces.nasnet_ops import FactorizedReduce
+
+    model.eval()
+    counts: dict[int, int] = {}
+    for m in model.modules():  # a module reachable twice is shared: folding it is unsafe
+        for child in m._modules.values():  # children() would hide a repeat
+            if child is None:
+                continue
+            counts[id(child)] = counts.get(id(child), 0) + 1
+    shared = {k for k, v in counts.items() if v > 1}
+    folded = 0
+    for seq in [m for m in model.modules() if _plain_sequential(m)]:
+        for i in range(1, len(seq)):
+            bn = seq[i]
+            parent, key, conv = seq, i - 1, seq[i - 1]
+            touched = {id(conv), id(bn)}
+            while _plain_sequential(conv) and len(conv) > 0:  # e.g. a low-rank (first, second) pair
+                parent, key, conv = conv, len(conv) - 1, conv[len(conv) - 1]
+                touched.add(id(conv))
+            if _foldable(conv, bn) and not touched & shared:
+                with torch.no_grad():
+                    parent[key] = fuse_conv_bn_eval(conv, bn)
+                seq[i] = nn.Identity()
+                folded += 1
+    for m in [m for m in model.modules() if type(m) is FactorizedReduce]:
+        bn, convs = m.bn, [c for c in (m.conv_a, m.conv_b) if c is not None]
+        if not isinstance(bn, nn.BatchNorm2d) or sum(c.out_channels for c in convs) != bn.num_features:
+            continue
+        if not all(_foldable(c, _bn_slice(bn, 0, c.out_channels)) for c in convs):
+            continue
+        start = 0
+        with torch.no_grad():
+            for name in ("conv_a", "conv_b"):
+                conv = getattr(m, name)
+                if conv is not None:  # the concatenated channels: conv_a's first, then conv_b's
+                    setattr(m, name, fuse_conv_bn_eval(conv, _bn_slice(bn, start, conv.out_channels)))
+                    start += conv.out_channels
+        m.bn = nn.Identity()
+        folded += 1
+    return folded
+
+
+def _plain_sequential(m: Any) -> bool:
+    from torch import nn
+
+    # a Sequential subclass with its own forward may use the conv output elsewhere
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _foldable(conv: Any, bn: Any) -> bool:
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+
+    return (
+        isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        and isinstance(conv, _ConvNd)
+        and not conv.transposed
+        and isinstance(bn, _BatchNorm)
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and conv.out_channels == bn.num_features
+    )
+
+
+def _bn_slice(bn: Any, start: int, n: int) -> Any:
+    """BatchNorm over channels ``start .. start + n`` of ``bn`` (eval mode)."""
+    from torch import nn
+
+    out = nn.BatchNorm2d(n, eps=bn.eps, affine=bn.affine).eval()
+    out.running_mean.copy_(bn.running_mean[start : start + n])
+    out.running_var.copy_(bn.running_var[start : start + n])
+    if bn.affine:
+        out.weight.data.copy_(bn.weight.data[start : start + n])
+        out.bias.data.copy_(bn.bias.data[start : start + n])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def write_export(path: Path, fmt: str, meta: Mapping[str, Any], model: Any = None, onnx_bytes: bytes | None = None) -> dict[str, Any]:
+    """Write ``model`` (a deploy-form torch module) or ``onnx_bytes`` as ``fmt`` at ``path``
+    with ``meta``; returns the metadata written (with ``weights_sha256`` filled in)."""
+    meta = dict(meta, format=fmt, format_version=FORMAT_VERSION)
+    if fmt in ("onnx", "onnx-int8"):
+        return _write_onnx(path, onnx_bytes if onnx_bytes is not None else _float_onnx(model, meta), meta)
+    if fmt == "torchscript":
+        return _write_torchscript(path, model, meta)
+    if fmt == "safetensors":
+        return _write_safetensors(path, model, meta)
+    from search_spaces import UnknownNameError
+
+    raise UnknownNameError("export format", fmt, FORMATS)
+
+
+def _float_onnx(model: Any, meta: Mapping[str, Any]) -> bytes:
+    from .passes.int8 import export_float_onnx
+
+    return export_float_onnx(model, tuple(meta["input_shape"]))
+
+
+def _write_onnx(path: Path, data: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    meta["opset"] = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
+    meta["weights_sha256"] = _graph_sha256(proto)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        if value is None and key in _STR_KEYS:
+            continue  # absent on load, as None
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if key in _STR_KEYS and isinstance(value, str) else json.dumps(value)
+    proto.producer_name = "nas-run"
+    proto.doc_string = f"nas-run export of {meta.get('genotype')} (policy: {meta.get('policy_label') or 'none'})"
+    path.write_bytes(proto.SerializeToString())
+    return meta
+
+
+def _write_torchscript(path: Path, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    x = torch.zeros((2, *meta["input_shape"]))  # batch 2: nothing specialises on a batch of 1
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch 2.13 deprecates torch.jit; tracer warnings
+        if isinstance(model, torch.jit.ScriptModule):
+            traced = model
+        else:
+            traced = torch.jit.trace(model.eval(), (x,), check_trace=False)
+        meta["weights_sha256"] = _state_sha256(traced.state_dict())
+        torch.jit.save(traced, str(path), _extra_files={TS_EXTRA: json.dumps(meta)})
+    return meta
+
+
+def _write_safetensors(path: Path, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    if meta.get("space") is None and meta.get("builder") is None:
+        raise PolicyError("a safetensors export needs a genotype or builder to rebuild the model from")
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    header = {"format": "nas-run", "format_version": str(FORMAT_VERSION), "genotype": str(meta["genotype"]),
+              "policy_id": str(meta.get("policy_id", "none"))}
+    save_file(state, str(path), metadata=header)
+    meta["weights_sha256"] = _file_sha256(path)
+    sidecar_path(path).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDE_SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class Exported:
+    """An export loaded back in its runtime: ``model`` is a torch module (safetensors), a
+    TorchScript module (torchscript) or an ``onnxruntime.InferenceSession`` (onnx, onnx-int8)."""
+
+    path: Path
+    format: str
+    model: Any
+    metadata: dict[str, Any]
+
+    def predict(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Logits ``(N, num_classes)`` for float32 inputs ``(N, *input_shape)``, batched."""
+        import numpy as np
+
+        outs = []
+        if self.format.startswith("onnx"):
+            name = self.model.get_inputs()[0].name
+            for i in range(0, len(x), batch):
+                outs.append(self.model.run(None, {name: np.ascontiguousarray(x[i : i + batch], dtype=np.float32)})[0])
+        else:
+            import torch
+
+            with torch.no_grad():
+                for i in range(0, len(x), batch):
+                    outs.append(self.model(torch.as_tensor(np.asarray(x[i : i + batch], dtype=np.float32))).numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, int(self.metadata.get("num_classes", 0))), np.float32)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_json(self.metadata)
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """An export back in its runtime, checked: a torch ``nn.Module`` in eval mode (safetensors:
+    rebuilt from the genotype and the policy's records, no pickle), a TorchScript module, or an
+    ONNX Runtime ``InferenceSession``. `load_export` also gives the metadata."""
+    return load_export(path).model
+
+
+def load_export(path: str | os.PathLike[str], threads: int | None = None) -> Exported:
+    """Load and verify an export (format from its content; see the module docstring). A missing,
+    truncated or edited file, or a sidecar that does not belong to the weights, is an
+    `ExportError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"no export file at {str(p)!r}")
+    fmt = _sniff(p)
+    if fmt == "torchscript":
+        return _load_torchscript(p)
+    if fmt == "safetensors":
+        return _load_safetensors(p)
+    return _load_onnx(p, threads)
+
+
+def _sniff(p: Path) -> str:
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":  # a zip archive: TorchScript
+        return "torchscript"
+    if len(head) == 9 and head[8:9] == b"{" and p.suffix != ".onnx":  # u64 header size, then JSON
+        return "safetensors"
+    return "onnx"
+
+
+def _load_onnx(p: Path, threads: int | None) -> Exported:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(p))
+    except (DecodeError, ValueError, OSError) as exc:
+        raise ExportError(f"{str(p)!r} is not a readable ONNX model (truncated or corrupted?): {_one_line(exc)}") from None
+    props = {e.key: e.value for e in proto.metadata_props}
+    if "weights_sha256" not in props or "genotype" not in props:
+        raise ExportError(f"{str(p)!r} is an ONNX model but not a nas-run export (no nas-run metadata)")
+    meta = {k: (v if k in _STR_KEYS else _json(v, p)) for k, v in props.items()}
+    _check_version(meta, p)
+    if _graph_sha256(proto) != meta["weights_sha256"]:
+        raise ExportError(f"{str(p)!r}: its graph or weights were modified after export (SHA-256 differs from its metadata)")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    try:
+        sess = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise ExportError(f"ONNX Runtime cannot load {str(p)!r}: {_one_line(exc)}") from None
+    return Exported(p, str(meta["format"]), sess, meta)
+
+
+def _load_torchscript(p: Path) -> Exported:
+    import torch
+
+    extra = {TS_EXTRA: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - a bad zip, a truncated archive, a missing record
+        raise ExportError(f"{str(p)!r} is not a readable TorchScript file (truncated or corrupted?): {_one_line(exc)}") from None
+    if not extra[TS_EXTRA]:
+        raise ExportError(f"{str(p)!r} is a TorchScript file but not a nas-run export (no {TS_EXTRA})")
+    meta = _json(extra[TS_EXTRA], p)
+    _check_version(meta, p)
+    if _state_sha256(module.state_dict()) != meta.get("weights_sha256"):
+        raise ExportError(f"{str(p)!r}: its weights were modified after export (SHA-256 differs from its metadata)")
+    return Exported(p, "torchscript", module.eval(), meta)
+
+
+def _load_safetensors(p: Path) -> Exported:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    side = sidecar_path(p)
+    if not side.is_file():
+        raise ExportError(f"{str(p)!r} has no sidecar {side.name!r}: a nas-run safetensors export is the pair")
+    meta = _json(side.read_text(), side)
+    _check_version(meta, side)
+    if _file_sha256(p) != meta.get("weights_sha256"):
+        raise ExportError(
+            f"{str(p)!r} does not match its sidecar {side.name!r} (SHA-256 differs: truncated, modified, or another model's sidecar)"
+        )
+    try:
+        with safe_open(str(p), "pt") as f:
+            header = f.metadata() or {}
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{str(p)!r} is not a readable safetensors file: {_one_line(exc)}") from None
+    if header.get("genotype") != meta.get("genotype"):
+        raise ExportError(
+            f"{str(p)!r}: the sidecar names genotype {meta.get('genotype')!r}, the weights were saved for "
+            f"{header.get('genotype')!r}"
+        )
+    try:
+        model = deploy_form(ModelSpec.from_json(meta).build())
+    except (KeyError, TypeError) as exc:
+        raise ExportError(f"sidecar {str(side)!r} lacks or garbles a field: {exc}") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        raise ExportError(
+            f"{str(p)!r}: the weights do not fit the model its sidecar describes ({meta.get('genotype')}): "
+            f"missing {missing[:3]}, unexpected {extra[:3]}, other shapes {shapes[:3]}"
+        )
+    model.load_state_dict(state, strict=True)
+    return Exported(p, "safetensors", model.eval(), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_version(meta: Any, p: Path) -> None:
+    if not isinstance(meta, dict):
+        raise ExportError(f"{str(p)!r}: its nas-run metadata is not a JSON object")
+    v = meta.get("format_version")
+    if v != FORMAT_VERSION:
+        raise ExportError(f"{str(p)!r}: export format version {v!r}; this nas-run reads version {FORMAT_VERSION}")
+
+
+def _json(text: str, p: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{str(p)!r}: its nas-run metadata is not valid JSON: {exc}") from None
+
+
+def _graph_sha256(proto: Any) -> str:
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple | set) else str(v)))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def copy_module(model: Any) -> Any:
+    """A private copy (TorchScript modules through save/load; deepcopy does not copy them)."""
+    import io
+
+    import torch
+
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(model, buf)
+            buf.seek(0)
+            return torch.jit.load(buf, map_location="cpu")
+    return copy.deepcopy(model)

@@ -115,9 +115,9 @@ def run_trial(
         last = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
         return TrialResult("stopped", last, tuple(history), "", time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - any fault of the candidate is recorded, not raised
-        kind = "out of memory" if _is_oom(exc) else type(exc).__name__
-        tail = traceback.format_exc(limit=3).strip().splitlines()[-1]
-        return TrialResult("failed", {}, tuple(history), f"{kind}: {tail}", time.perf_counter() - start)
+        tail = traceback.format_exc(limit=3).strip().splitlines()[-1]  # "TypeName: message"
+        error = f"out of memory: {tail}" if _is_oom(exc) else tail
+        return TrialResult("failed", {}, tuple(history), error, time.perf_counter() - start)
     bad = [k for k in required if k not in metrics or not math.isfinite(metrics[k])]
     if bad:
         shown = {k: metrics.get(k) for k in bad}

@@ -1,4 +1,4 @@
-"""The `nas-run` command line: `search`, `compress`, `export`, `show` and `list`.
+"""The `nas-run` command line: `search`, `compress`, `report`, `export`, `show` and `list`.
 
 User errors (`NasRunError`: a typo in a name, a bad genotype, a broken data set or config) are
 printed as one line and exit with code 2, never with a traceback.
@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--all", action="store_true", help="also list every trial")
     from .compress_cmd import add_compress_parser
     from .export_cmd import add_export_parser
+    from .report_cmd import add_report_parser
 
     add_compress_parser(sub)
+    add_report_parser(sub)
     add_export_parser(sub)
     return parser
 
@@ -195,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .compress_cmd import compress_command
 
             return compress_command(args)
+        if args.command == "report":
+            from .report_cmd import report_command
+
+            return report_command(args)
         if args.command == "export":
             from .export_cmd import export_command
 

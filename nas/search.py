@@ -90,7 +90,20 @@ def _store_for(cfg: SearchConfig, out: Path, read_only: bool = False) -> RunStor
     if read_only and cfg.storage is None and not (out / "study.db").is_file():
         raise ConfigError(f"{str(out)!r} holds no study.db yet")  # SQLite would create one
     objectives, constraints = parse_objectives(cfg.objectives), parse_constraints(cfg.constraints)
-    return RunStore(url, objectives, constraints, study_name=out.resolve().name, read_only=read_only)
+    return RunStore(url, objectives, constraints, study_name=_study_name(out, url, cfg), read_only=read_only)
+
+
+def _study_name(out: Path, url: str, cfg: SearchConfig) -> str:
+    """The study of a run is named after its folder; a folder copied or renamed since keeps the
+    old name inside its own study.db, which is then the one study there (found, not recreated)."""
+    name = out.resolve().name
+    if cfg.storage is None and (out / "study.db").is_file():
+        import optuna
+
+        names = optuna.study.get_all_study_names(storage=url)
+        if name not in names and len(names) == 1:
+            return names[0]
+    return name
 
 
 LOCK_FILE = ".driver.lock"  # held by the driver of a run folder (see _lock_run_folder)

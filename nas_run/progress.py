@@ -76,21 +76,30 @@ class Progress:
 
     def summary(self, run: Any) -> None:
         df = run.store.dataframe()
-        counts = df["status"].value_counts().to_dict() if not df.empty else {}
+        search = df[df["stage"].isin(["search"]) | df["stage"].isna()] if not df.empty else df
+        counts = search["status"].value_counts().to_dict() if not search.empty else {}
+        compressed = len(df) - len(search)
         front = run.store.pareto()
         cols = [
             c
-            for c in ("number", "val_acc", "test_acc", "params", "flops", "latency_ms", "genotype")
-            if c in front.columns
+            for c in ("number", "val_acc", "test_acc", "params", "flops", "latency_ms", "genotype", "policy")
+            if c in front.columns and (c != "policy" or front[c].astype(bool).any())
         ]
+        extra = f", and {compressed} compression trials" if compressed else ""
         print(
-            f"\nrun folder: {run.out}   trials: {counts} (of {run.config.trials} requested)", file=self.stream
+            f"\nrun folder: {run.out}   trials: {counts} (of {run.config.trials} requested){extra}",
+            file=self.stream,
         )
         print(f"Pareto front ({', '.join(str(o) for o in run.store.objectives)}):", file=self.stream)
         if front.empty:
             print("  (no completed feasible trial)", file=self.stream)
         else:
-            print(front[cols].to_string(index=False, max_colwidth=90), file=self.stream)
+            shown = front[cols].copy()
+            if "policy" in shown.columns:  # (architecture, policy) pairs: the policy's short name
+                from compress.policy import Policy
+
+                shown["policy"] = [Policy.from_json(p).label() if p else "" for p in shown["policy"]]
+            print(shown.to_string(index=False, max_colwidth=90), file=self.stream)
         tables = [run.out / "trials.csv", run.out / "pareto.csv"]
         if all(t.exists() for t in tables):  # written when a search ends (or is interrupted)
             print(f"tables: {tables[0]}, {tables[1]}", file=self.stream)

@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from helpers import train_briefly  # noqa: E402
+
 from compress.errors import PolicyError  # noqa: E402
 from compress.passes.base import PassContext, QuantizedOnnx, get_pass  # noqa: E402
 from compress.passes.int8 import (  # noqa: E402
@@ -47,18 +49,7 @@ def trained() -> tuple[nn.Module, PassContext, np.ndarray]:
     data = load_dataset("digits", seed=0)
     ctx = PassContext(data, seed=0)
     torch.manual_seed(0)
-    model = Net()
-    x, y = (torch.from_numpy(a) for a in ctx.training())
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+    model = train_briefly(Net(), ctx)
     with torch.no_grad():
         ref = model(torch.from_numpy(data.x_val)).numpy()
     assert (ref.argmax(1) == data.y_val).mean() > 0.9  # the fixture really learned the task

@@ -11,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import train_briefly  # noqa: E402
+
 from compress.errors import PolicyError  # noqa: E402
 from compress.passes.base import PassContext, get_pass  # noqa: E402
 from compress.passes.lowbit import _rows, pack_codes, unpack_codes  # noqa: E402
@@ -36,18 +38,7 @@ def trained() -> tuple[nn.Module, PassContext]:
     data = load_dataset("digits", seed=0)
     ctx = PassContext(data, seed=0)
     torch.manual_seed(0)
-    model = _net()
-    x, y = (torch.from_numpy(a) for a in ctx.training())
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval(), ctx
+    return train_briefly(_net(), ctx), ctx
 
 
 def _apply(model: nn.Module, ctx: PassContext, **settings) -> tuple[nn.Module, dict]:

@@ -3,13 +3,13 @@ min-max allocation is optimal (brute-force oracle) and never worse than uniform,
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import digits, digits_ctx
 from torch import nn
 
 from compress.errors import PolicyError
@@ -18,16 +18,7 @@ from compress.passes.lowrank import decompose_layer, layer_error
 from compress.policy import Policy
 from nas.cost import profile
 
-
-@functools.lru_cache(maxsize=1)
-def _digits():
-    from nas.data import load_dataset
-
-    return load_dataset("digits", seed=0)
-
-
-def _ctx() -> PassContext:
-    return PassContext(_digits(), seed=0)
+_digits, _ctx = digits, digits_ctx
 
 
 def _cnn(seed: int = 0) -> nn.Module:

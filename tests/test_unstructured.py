@@ -3,29 +3,19 @@ replay = apply, zlib size falls, iterative pruning (LTH) with its geometric sche
 
 from __future__ import annotations
 
-import functools
 import zlib
 
 import pytest
 import torch
+from helpers import digits, digits_ctx
 from torch import nn
 
 from compress.errors import PolicyError
 from compress.passes import finetune
-from compress.passes.base import PassContext
 from compress.passes.unstructured import NOTE, compressed_size_bytes, masks_of, prunable_layers
 from compress.policy import Policy
 
-
-@functools.lru_cache(maxsize=1)
-def _digits():
-    from nas.data import load_dataset
-
-    return load_dataset("digits", seed=0)
-
-
-def _ctx() -> PassContext:
-    return PassContext(_digits(), seed=0)
+_digits, _ctx = digits, digits_ctx
 
 
 def _cnn(seed: int = 0) -> nn.Module:

@@ -174,17 +174,18 @@ def rebuild_group(name: str, ev: CompressionEvaluator, genotype: Genotype, art_r
     base = ev.load_base(genotype)
     shape = tuple(ev.data().input_shape)
     ctx = ev.context(base)
-    g = Group(name, ev, genotype, export_float_onnx(base.module, shape))
+    g = Group(name, ev, genotype, export_float_onnx(base.deploy, shape))  # the shipped (merged) form
     data = ev.data()
     for folder in sorted(art_root.glob(f"{genotype.id}+*")):
         if folder.name.endswith(".tmp"):
             continue
         meta = json.loads((folder / "policy.json").read_text())
         pol = Policy.from_json(meta["policy"])
+        applied = Policy.from_json(meta.get("applied", meta["policy"]))  # with the merge pass, if any
         if (folder / "model.onnx").is_file():
             blob = (folder / "model.onnx").read_bytes()
         else:
-            model = pol.replay(base.module, meta["records"], ctx)
+            model = applied.replay(base.module, meta["records"], ctx)
             model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
             blob = export_float_onnx(model.eval(), shape)
         g.arts[pol.id] = blob

@@ -37,10 +37,15 @@ if TYPE_CHECKING:
 
     from nas.data import Dataset
 
-__all__ = ["BaseModel", "CompressionEvaluator", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
+__all__ = ["BaseModel", "CompressionEvaluator", "needs_eager", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
 
-# what a TorchScript model can go through: its graph is fixed, so nothing that rebuilds layers
+# what a TorchScript model goes through as it is; for any other pass its graph is first converted
+# to an eager module (`CompressionEvaluator.as_eager`)
 TORCHSCRIPT_PASSES = ("int8", "finetune")
+
+
+def needs_eager(policy: Policy) -> bool:
+    return any(s.name not in TORCHSCRIPT_PASSES for s in policy.passes)
 USER_MODEL_SPACE = "model"  # genotype space name of a user's own model: model@1|sha1=h<hex>
 
 
@@ -183,6 +188,15 @@ class CompressionEvaluator:
             acc = evaluate_accuracy(deploy, data.x_val, data.y_val)
         return BaseModel(module, kind, acc, retrained, deploy)
 
+    def as_eager(self, base: BaseModel) -> BaseModel:
+        """A TorchScript model as an eager fx module with real Conv/BN/Linear layers (through its
+        ONNX graph, checked to compute the same outputs), so the passes that rebuild layers can
+        work on it; an op the converter does not know is a `PolicyError` naming it."""
+        from .onnx_to_torch import to_eager
+
+        module = to_eager(base.module, tuple(self.data().input_shape)).eval()
+        return BaseModel(module, "eager", base.val_acc, base.retrained)
+
     @property
     def mergeable(self) -> bool:
         """Whether this run's models have training branches to merge (the large-kernel space)."""
@@ -212,12 +226,8 @@ class CompressionEvaluator:
             torch.set_num_threads(self.threads)
         pol = Policy.from_json(policy)
         base = self.load_base(genotype)
-        if base.kind == "torchscript":
-            from .user_model import require_eager
-
-            for spec in pol.passes:
-                if spec.name not in TORCHSCRIPT_PASSES:
-                    require_eager(base, spec.name)  # type: ignore[arg-type]
+        if base.kind == "torchscript" and needs_eager(pol):
+            base = self.as_eager(base)
         ctx = self.context(base)
         torch.manual_seed(self.seed)
         out = deploy_policy(pol, self.mergeable).apply(base.module, ctx)

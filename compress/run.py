@@ -35,7 +35,7 @@ from nas.trial import Candidate, TrialResult
 from search_spaces import ConfigError, Genotype, UnknownNameError
 
 from .controller import COMPRESS_STAGE, CompressionController
-from .evaluate import TORCHSCRIPT_PASSES, CompressionEvaluator, check_policy, user_genotype
+from .evaluate import CompressionEvaluator, check_policy, needs_eager, user_genotype
 from .policy import Policy
 
 __all__ = [
@@ -297,16 +297,18 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
     data = evaluator.data()  # a bad data set fails now
     # pre-flight on the real model: layer names, data shape, TorchScript limits
     if cfg.model is not None:
-        from .user_model import check_input, load_user_model, require_eager
+        from .user_model import check_input, load_user_model
 
         user = load_user_model(cfg.model, cfg.weights, data.input_shape, data.num_classes)
         check_input(user.module, data)
+        target = user.module
+        if user.kind == "torchscript" and (cfg.nni_config or any(needs_eager(p) for p in policies)):
+            from .onnx_to_torch import to_eager
+
+            target = to_eager(user.module, tuple(data.input_shape))  # an unknown op: one line, now
         for pol in policies:
-            for spec in pol.passes:
-                if spec.name not in TORCHSCRIPT_PASSES and user.kind == "torchscript":
-                    require_eager(user, spec.name)
-            if user.kind != "torchscript":
-                check_policy(pol, user.module)
+            if user.kind != "torchscript" or needs_eager(pol):
+                check_policy(pol, target)
         architectures = [user_genotype(user.sha1)]
     else:
         store_ro = _open_run_store(out, read_only=True)
@@ -321,9 +323,9 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         # depend on the file any more
         from .nni_config import policy_from_nni_config
 
-        target = user.module if cfg.model is not None else model
-        nni_policy = policy_from_nni_config(_read_nni_config(cfg.nni_config), target)
-        check_policy(nni_policy, target)
+        nni_target = target if cfg.model is not None else model
+        nni_policy = policy_from_nni_config(_read_nni_config(cfg.nni_config), nni_target)
+        check_policy(nni_policy, nni_target)
         policies = [*([Policy.from_json(p) for p in cfg.policies]), nni_policy]
         cfg = cfg.replace(policies=tuple(p.to_str() for p in policies), nni_config=None)
     if cfg.runner == "ray":

@@ -57,7 +57,7 @@ def test_builder_and_state_dict_pruned_and_nni_config(weights, tmp_path, capsys)
     assert len(pd.read_csv(out / "compress.csv")) == 2
 
 
-def test_torchscript_model_int8_and_pruning_refused(weights, tmp_path, capsys):
+def test_torchscript_model_int8_and_pruned_through_its_graph(weights, tmp_path, capsys):
     import sys
 
     from safetensors.torch import load_file
@@ -75,12 +75,34 @@ def test_torchscript_model_int8_and_pruning_refused(weights, tmp_path, capsys):
     row = pd.read_csv(out / "compress.csv").iloc[0]
     assert row.status == "complete" and row.file_bytes < row.base_file_bytes
     assert (out / "compressed").is_dir()
+    # structured pruning of a TorchScript file: its graph becomes an eager module first
+    pruned = tmp_path / "ts2"
+    args = ["compress", "--model", str(ts), "--dataset", "digits", "--out", str(pruned), "--prune", "0.5",
+            "--finetune-epochs", "1", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    row = pd.read_csv(pruned / "compress.csv").iloc[0]
+    assert row.status == "complete" and row.params < row.base_params and row.flops > 0
+    assert _sha(ts) == before
+    # an op the converter does not know: one line naming it, nothing written
     capsys.readouterr()
-    refused = tmp_path / "ts2"
-    assert main(["compress", "--model", str(ts), "--dataset", "digits", "--out", str(refused), "--prune", "0.5"]) == 2
+    odd = tmp_path / "topk.pt"
+    torch.jit.save(torch.jit.script(_TopK().eval()), str(odd))
+    refused = tmp_path / "ts3"
+    assert main(["compress", "--model", str(odd), "--dataset", "digits", "--out", str(refused), "--prune", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "TorchScript" in err and err.count("\n") == 0
-    assert not refused.exists() and _sha(ts) == before
+    assert "TopK" in err and err.count("\n") == 0
+    assert not refused.exists()
+
+
+class _TopK(torch.nn.Module):
+    """Logits through a sort-like op (TopK), which the ONNX-to-eager converter refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.topk(self.conv(x).flatten(1), 10).values
 
 
 def test_a_data_set_the_model_rejects_is_one_line(weights, tmp_path, capsys):

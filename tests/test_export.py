@@ -29,7 +29,7 @@ SPACES = sorted(info.name for info in list_spaces())
 FLOAT_FORMATS = ("onnx", "torchscript", "safetensors")
 PRUNE = Policy.of(("structured", {"ratio": 0.5}), ("finetune", {"epochs": 1}))
 INT8 = Policy.of(("int8", {}))
-CELL_OPTIONS = {"cells_per_stage": 1, "init_filters": 4, "stem_multiplier": 1, "reductions": 1}
+CELL_OPTIONS = {"cells_per_stage": 1, "init_filters": 4, "reductions": 1}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""NASNet / DARTS cell space: op shapes, genotype round-trips, loose ends, builds, DropPath."""
+"""NASNet / DARTS cell space: op shapes, genotype round-trips, loose ends, builds, DropPath.
+DARTS's own rules, notation and published cells: tests/test_darts_space.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from search_spaces.nasnet_cell import (
     OP_NAMES,
     Block,
     NASNetCellSpace,
+    canonical_block,
     cell_blocks,
     loose_ends,
     make_genotype,
@@ -27,13 +29,21 @@ from search_spaces.nasnet_cell import (
 from search_spaces.nasnet_model import NASNetCell, NASNetNetwork
 from search_spaces.nasnet_ops import OPS
 
-# DARTS' published "DARTS_V2" cell, written as (in1, op1, in2, op2) blocks.
+# DARTS' published "DARTS_V2" cell, written as canonical (in1, op1, in2, op2) blocks.
 DARTS_V2 = (
-    "darts@1"
+    "darts@2"
     "|normal=((0,sep_conv_3x3,1,sep_conv_3x3),(0,sep_conv_3x3,1,sep_conv_3x3),"
-    "(1,sep_conv_3x3,0,skip_connect),(0,skip_connect,2,dil_conv_3x3))"
-    "|reduce=((0,max_pool_3x3,1,max_pool_3x3),(2,skip_connect,1,max_pool_3x3),"
-    "(0,max_pool_3x3,2,skip_connect),(2,skip_connect,1,max_pool_3x3))"
+    "(0,skip_connect,1,sep_conv_3x3),(0,skip_connect,2,dil_conv_3x3))"
+    "|reduce=((0,max_pool_3x3,1,max_pool_3x3),(1,max_pool_3x3,2,skip_connect),"
+    "(0,max_pool_3x3,2,skip_connect),(1,max_pool_3x3,2,skip_connect))"
+)
+# A NASNet-rule cell pair (an input read twice; block 0 consumed by block 2).
+NASNET = (
+    "nasnet@2"
+    "|normal=((0,conv_3x3,0,identity),(0,sep_conv_3x3,1,sep_conv_3x3),(1,max_pool_3x3,2,sep_conv_5x5),"
+    "(0,avg_pool_3x3,1,identity),(1,conv_1x1,3,identity))"
+    "|reduce=((0,max_pool_3x3,1,sep_conv_7x7),(1,identity,2,max_pool_3x3),(0,avg_pool_3x3,1,conv_1x7_7x1),"
+    "(1,identity,1,sep_conv_3x3),(4,dil_conv_3x3,5,max_pool_5x5))"
 )
 
 
@@ -78,9 +88,12 @@ def test_presets_and_registration() -> None:
     darts, nasnet = NASNetCellSpace("darts"), NASNetCellSpace("nasnet")
     assert darts.options["blocks"] == 4 and darts.options["ops"] == DARTS_OPS
     assert nasnet.options["blocks"] == 5 and nasnet.options["ops"] == NASNET_OPS
-    assert darts.tiny().options["ops"] == DARTS_OPS  # tiny keeps the preset
-    assert len(darts.dims) == 2 * 4 * 4 and darts.dims[0].name == "normal_b0_in1"
-    assert darts.dims[4].choices == (0, 1, 2)  # block 1 may read block 0
+    assert (darts.options["rules"], nasnet.options["rules"]) == ("darts", "nasnet")
+    assert darts.tiny().options["ops"] == DARTS_OPS and darts.tiny().options["rules"] == "darts"
+    assert len(darts.dims) == 2 * 4 * 3 and darts.dims[0].name == "normal_b0_inputs"
+    assert darts.dims[0].choices == ("0+1",)  # block 0 reads both cell inputs
+    assert darts.dims[3].choices == ("0+1", "0+2", "1+2")  # block 1 may read block 0
+    assert nasnet.dims[3].choices == ("0+0", "0+1", "1+1", "0+2", "1+2", "2+2")  # repeats allowed
     try:  # the registry imports every built-in space; others may not be written yet
         from search_spaces import large_kernel, nb201  # noqa: F401
     except ModuleNotFoundError as e:
@@ -103,8 +116,14 @@ def test_options_are_checked() -> None:
         NASNetCellSpace("darts", drop_path_prob=1.0)
     with pytest.raises(UnknownNameError, match="cells_per_stage"):
         NASNetCellSpace("darts", cells_per_stag=2)
+    with pytest.raises(UnknownNameError, match="did you mean 'nasnet'"):
+        NASNetCellSpace("darts", rules="nasnte")
+    with pytest.raises(ConfigError, match="auxiliary"):
+        NASNetCellSpace("darts", auxiliary=1)
+    with pytest.raises(ConfigError, match="stem_multiplier"):
+        NASNetCellSpace("darts", stem_multiplier=0)
     custom = NASNetCellSpace("darts", ops=["skip_connect", "conv_3x3"], blocks=2)
-    assert custom.options["ops"] == ("skip_connect", "conv_3x3") and len(custom.dims) == 16
+    assert custom.options["ops"] == ("skip_connect", "conv_3x3") and len(custom.dims) == 12
 
 
 def test_hand_written_genotype_round_trips() -> None:
@@ -116,11 +135,45 @@ def test_hand_written_genotype_round_trips() -> None:
     assert blocks["reduce"][0].op1 == "max_pool_3x3"
     assert make_genotype("darts", blocks["normal"], blocks["reduce"]) == g
     assert space.from_dims(space.to_dims(g)) == g
-    # inputs are kept as written, not sorted: a swapped block is another (valid) genotype
+    nasnet = NASNetCellSpace("nasnet")
+    h = nasnet.from_str(NASNET)
+    assert nasnet.to_str(h) == NASNET and nasnet.from_dims(nasnet.to_dims(h)) == h
+
+
+def test_swapped_pairs_are_one_genotype() -> None:
+    space = NASNetCellSpace("darts")
+    g = space.from_str(DARTS_V2)
+    blocks = cell_blocks(g)
+    # the pairs of a block are ordered canonically: written swapped, it is the same genotype
     swapped = make_genotype(
         "darts", ((1, "sep_conv_3x3", 0, "sep_conv_3x3"),) + blocks["normal"][1:], blocks["reduce"]
     )
-    assert space.validate(swapped) != g
+    assert swapped == g and swapped.id == g.id
+    text = DARTS_V2.replace("(0,skip_connect,2,dil_conv_3x3)", "(2,dil_conv_3x3,0,skip_connect)")
+    assert text != DARTS_V2 and space.from_str(text) == g
+    # a hand-built Genotype in the other order is refused, naming the canonical block
+    normal = g["normal"][:3] + ((2, "dil_conv_3x3", 0, "skip_connect"),)
+    raw = Genotype("darts", 2, (("normal", normal), g.fields[1]))
+    with pytest.raises(GenotypeError, match=r"block 3 .*first: \(0, 'skip_connect', 2, 'dil_conv_3x3'\)"):
+        space.validate(raw)
+    # equal inputs (NASNet's rules): the op name that sorts first comes first
+    assert canonical_block((1, "sep_conv_3x3", 1, "identity")) == Block(1, "identity", 1, "sep_conv_3x3")
+    nasnet = NASNetCellSpace("nasnet")
+    h = nasnet.from_str(NASNET)
+    assert nasnet.from_str(NASNET.replace("(0,conv_3x3,0,identity)", "(0,identity,0,conv_3x3)")) == h
+
+
+def test_samples_are_canonical_and_mutants_differ() -> None:
+    for preset in ("darts", "nasnet"):
+        space = NASNetCellSpace(preset)
+        rng = np.random.default_rng(5)
+        for _ in range(200):
+            g = space.sample(rng)
+            for blocks in cell_blocks(g).values():
+                assert all(canonical_block(b) == b for b in blocks)
+            assert space.from_str(g.to_str()) is not g and space.from_str(g.to_str()) == g
+            child = space.mutate(g, rng)
+            assert child != g and space.validate(child) == child
 
 
 def test_sample_mutate_encode() -> None:
@@ -141,7 +194,7 @@ def test_typo_op_names_the_allowed_ops() -> None:
     space = NASNetCellSpace("darts")
     with pytest.raises(GenotypeError, match="sep_conv_3x4.*allowed:.*sep_conv_3x3.*dil_conv_5x5"):
         space.from_str(DARTS_V2.replace("sep_conv_3x3", "sep_conv_3x4", 1))
-    with pytest.raises(GenotypeError, match="allowed: 0, 1, 2"):
+    with pytest.raises(GenotypeError, match="allowed: 0[+]1, 0[+]2, 1[+]2"):
         space.from_str(
             DARTS_V2.replace("(0,sep_conv_3x3,1,sep_conv_3x3),(0,", "(0,sep_conv_3x3,1,sep_conv_3x3),(3,")
         )
@@ -160,7 +213,9 @@ def test_malformed_genotypes() -> None:
     with pytest.raises(GenotypeError, match="fields normal, reduce"):
         space.from_str(DARTS_V2 + "|normal_concat=(2,3,4,5)")
     with pytest.raises(GenotypeError, match="space 'nasnet'"):
-        space.validate(Genotype("nasnet", 1, g.fields))
+        space.validate(Genotype("nasnet", 2, g.fields))
+    with pytest.raises(GenotypeError, match="reads input 1 twice.*rules='nasnet'"):
+        space.validate(g.replace(normal=((1, "skip_connect", 1, "skip_connect"),) + normal[1:]))
     values = space.to_dims(g)
     with pytest.raises(GenotypeError, match="'normal_b0_op1' is missing"):
         space.from_dims({k: v for k, v in values.items() if k != "normal_b0_op1"})
@@ -168,6 +223,8 @@ def test_malformed_genotypes() -> None:
         space.from_dims({**values, "normal_b0_opp1": "skip_connect"})
     with pytest.raises(GenotypeError, match="allowed: max_pool_3x3"):
         space.from_dims({**values, "reduce_b1_op2": "conv_3x3"})
+    with pytest.raises(GenotypeError, match="allowed: 0[+]1$"):
+        space.from_dims({**values, "normal_b0_inputs": "1+1"})
 
 
 def test_loose_end_concatenation_sets_channels() -> None:
@@ -178,6 +235,7 @@ def test_loose_end_concatenation_sets_channels() -> None:
     s0, s1 = torch.randn(2, 6, 7, 7), torch.randn(2, 5, 7, 7)
     assert NASNetCell(chain, 6, 5, 4, False, False)(s0, s1).shape == (2, 4, 7, 7)
     assert NASNetCell(independent, 6, 5, 4, False, False)(s0, s1).shape == (2, 16, 7, 7)
+    assert NASNetCell(chain, 6, 5, 4, False, False, concat="all")(s0, s1).shape == (2, 16, 7, 7)  # DARTS
     # a reduction cell halves (ceil) the resolution; reduction_prev reduces s0 from 2x size
     assert NASNetCell(independent, 6, 5, 4, True, False)(s0, s1).shape == (2, 16, 4, 4)
     assert NASNetCell(chain, 6, 5, 4, False, True)(torch.randn(2, 6, 13, 13), s1).shape == (2, 4, 7, 7)
@@ -202,6 +260,12 @@ def test_tiny_presets_train(preset: str, shape: tuple[int, int, int]) -> None:
     g = space.sample(np.random.default_rng(len(shape) + shape[0]))
     model = space.build(g, shape, 10)
     assert isinstance(model, NASNetNetwork) and len(model.cells) == 5  # 1 normal, (1 reduce, 1 normal) x 2
+    # DARTS concatenates all 4 blocks; NASNet only its loose ends and has a ReLU before pooling
+    if preset == "darts":
+        assert all(cell.out_channels == 4 * cell.preprocess1[1].out_channels for cell in model.cells)
+        assert not isinstance(model.head[0], torch.nn.ReLU)
+    else:
+        assert isinstance(model.head[0], torch.nn.ReLU)
     _train_step(model, torch.randn(2, *shape))
 
 

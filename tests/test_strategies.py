@@ -109,6 +109,8 @@ def test_surrogate_uses_cheap_model_statistics_on_a_shortlist():
         ("surrogate", {"kappa": "x"}, "must be a float"),
         ("surrogate", {"pool": 0}, "pool"),
         ("evolution", {"population": 1}, "population >= 2"),
+        ("evolution", {"avoid_failures": 1}, "must be a bool"),
+        ("surrogate", {"min_feasible": 1.5}, "min_feasible"),
         ("tpe", {"n_startup": 3}, "did you mean 'n_startup_trials'"),
         ("tpe", {"n_startup_trials": 3.5}, "must be an int"),
         ("nsga2", {"population_size": True}, "must be an int"),

@@ -5,6 +5,17 @@ study private to the strategy (the run's own store is separate, see `nas.store`)
 one or several objectives (MOTPE); NSGA-II is Optuna's multi-objective genetic algorithm. The
 constraint violation reaches both samplers through ``constraints_func``.
 
+Failed and rejected trials reach the samplers as *infeasible* complete trials, not as Optuna's
+FAIL (which every sampler ignores, so a space that fails a lot made both random search):
+losses `FAILED_LOSS` (never read: infeasible trials are ranked by violation alone) and a
+violation of at least `FAILED_VIOLATION`. So they count toward TPE's ``n_startup_trials`` and
+NSGA-II's generations, NSGA-II's constrained domination ranks them after every feasible trial,
+and TPE puts them among the "bad" trials whose density it divides by. TPE would also fill its
+"good" group with the least-violating infeasible trials when fewer than gamma(n) trials are
+feasible, i.e. model failures as good; `TPEStrategy` caps gamma(n) at the number of feasible
+trials so only trials that ran and met the constraints are ever "good" (c-TPE, Watanabe & Hutter
+2023, argues the same split).
+
 Determinism and resume: the sampler is re-created before every ask with a seed derived from
 (seed, number of sampler trials), so the sequence depends only on the seed and the history — which is
 exactly what `state_dict` stores.
@@ -12,6 +23,7 @@ exactly what `state_dict` stores.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -19,11 +31,20 @@ from search_spaces import Genotype, SearchSpace
 
 from .base import Observation, Strategy, _keyword_defaults, register_strategy
 
-__all__ = ["OptunaStrategy", "TPEStrategy", "NSGA2Strategy"]
+__all__ = ["FAILED_LOSS", "FAILED_VIOLATION", "NSGA2Strategy", "OptunaStrategy", "TPEStrategy"]
+
+FAILED_LOSS = 1e12  # a failed trial's losses for Optuna: finite (Optuna refuses NaN), never read
+FAILED_VIOLATION = 1.0  # the least violation a failed trial gets (a crash has none of its own)
 
 
 def _violation(trial: Any) -> list[float]:
     return [float(trial.user_attrs.get("violation", 0.0))]
+
+
+def _optuna_violation(losses: Any, violation: float) -> float:
+    """A rejected trial keeps its violation (the store's, comparable to a finished one's); a
+    crash, which has none, gets `FAILED_VIOLATION`."""
+    return float(violation) if losses is not None else max(float(violation), FAILED_VIOLATION)
 
 
 class OptunaStrategy(Strategy):
@@ -57,7 +78,7 @@ class OptunaStrategy(Strategy):
 
     def _make_sampler(self, seed: int) -> Any:
         sampler = getattr(self._optuna.samplers, self.sampler_name)
-        params = {**self.sampler_defaults, **self.sampler_params}
+        params = self._sampler_kwargs({**self.sampler_defaults, **self.sampler_params})
         with warnings.catch_warnings():
             # Optuna 5 deprecates `constraints_func` (removal planned for 7) in favour of
             # `Trial.set_constraint`, which Optuna 4 lacks; this works on both
@@ -95,33 +116,47 @@ class OptunaStrategy(Strategy):
         self.asked.append(g.to_str())
         return g
 
+    def _sampler_kwargs(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The sampler's keyword arguments for this ask (a hook for `TPEStrategy`)."""
+        return params
+
     def _observe(self, obs: Observation) -> None:
         g, losses, violation = obs
-        opt = self._optuna
+        values = [FAILED_LOSS] * self.n_objectives if losses is None else list(losses)
         trials = self._pending.get(g.to_str())
         if trials:
             trial = trials.pop(0)
             if not trials:
                 del self._pending[g.to_str()]
-            trial.set_user_attr("violation", violation)
+            trial.set_user_attr("violation", _optuna_violation(losses, violation))
             if losses is None:
-                self.study.tell(trial, state=opt.trial.TrialState.FAIL)
-            else:
-                self.study.tell(trial, values=list(losses))
+                trial.set_user_attr("failed", True)
+            self.study.tell(trial, values=values)  # infeasible if failed: see the module docstring
             return
         # a result the sampler did not ask for (re-run after resume): add it as data
-        self.study.add_trial(self._frozen(g, losses, violation, {}))
+        self.study.add_trial(self._frozen(g, losses, violation))
 
-    def _frozen(self, g: Genotype, losses: Any, violation: float, system_attrs: dict[str, Any]) -> Any:
+    def _frozen(self, g: Genotype, losses: Any, violation: float) -> Any:
         opt = self._optuna
-        failed = losses is None
+        v = _optuna_violation(losses, violation)
         return opt.trial.create_trial(
-            state=opt.trial.TrialState.FAIL if failed else opt.trial.TrialState.COMPLETE,
-            values=None if failed else list(losses),
+            state=opt.trial.TrialState.COMPLETE,
+            values=[FAILED_LOSS] * self.n_objectives if losses is None else list(losses),
             params=self.space.to_dims(g),
             distributions=self._distributions,
-            user_attrs={"violation": violation},
-            system_attrs=system_attrs,
+            user_attrs={"violation": v, **({"failed": True} if losses is None else {})},
+            # what the sampler's constraints_func would have stored, had it seen the trial end
+            system_attrs={"constraints": (v,)},
+        )
+
+    def n_feasible(self) -> int:
+        """Sampler trials that ran and met the constraints."""
+        complete = self._optuna.trial.TrialState.COMPLETE
+        return sum(
+            t.state == complete
+            and not t.user_attrs.get("failed")
+            and not t.user_attrs.get("violation", 0.0) > 0
+            for t in self.study.get_trials(deepcopy=False)
         )
 
     def _extra_state(self) -> dict[str, Any]:
@@ -178,6 +213,21 @@ class TPEStrategy(OptunaStrategy):
     description = "Optuna's Tree-structured Parzen Estimator (multivariate; MOTPE for several objectives)"
     sampler_name = "TPESampler"
     sampler_defaults = {"n_startup_trials": 10, "multivariate": True}
+
+    def _sampler_kwargs(self, params: dict[str, Any]) -> dict[str, Any]:
+        # gamma(n) trials form TPE's "good" group; never more than the feasible ones
+        base = params.get("gamma") or (_default_gamma if self.n_objectives == 1 else _default_gamma_mo)
+        study = getattr(self, "study", None)  # None while the first study is created
+        n_ok = self.n_feasible() if study is not None else 0
+        return {**params, "gamma": lambda n: min(base(n), n_ok)}
+
+
+def _default_gamma(n: int) -> int:  # Optuna's `default_gamma`
+    return min(math.ceil(0.1 * n), 25)
+
+
+def _default_gamma_mo(n: int) -> int:  # Optuna's `default_gamma_multiobjective`
+    return math.ceil(0.1 * n)
 
 
 @register_strategy

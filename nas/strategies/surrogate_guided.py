@@ -11,6 +11,16 @@ Several objectives: each ask scalarises the normalised predictions with a random
 by the augmented Chebyshev function (ParEGO, Knowles 2006), so successive asks cover the front.
 Constraints: when a violation has been observed, a further model predicts it and candidates
 predicted infeasible are ranked after the feasible ones.
+
+Failures (trials that crashed, ran out of memory or were rejected before training): the first
+``n_init`` asks are random whether they fail or not, and once some trials have failed and some
+have run, a feasibility model (the same XGBoost ensemble, fitted to 1 = ran, 0 = failed on every
+trial's encoding) gates the pool: only candidates with a predicted chance of running of at
+least ``min_feasible`` (or, if none reaches it, the most likely one) are scored, in the spirit of
+the probability-of-feasibility factor of constrained Bayesian optimisation (Gardner et al.
+2014), as a gate rather than a product since the acquisition is a lower bound, not an
+improvement. With ``stats_fn`` the shortlist is gated again with the model statistics, which
+predict running out of memory well.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ class SurrogateGuided(Strategy):
         stats_fn: Callable[[Genotype], np.ndarray] | None = None,
         shortlist: int = 24,
         surrogate: dict[str, Any] | None = None,
+        min_feasible: float = 0.5,
     ):
         super().__init__(space, n_objectives, seed)
         if min(n_init, pool, n_parents, shortlist) < 1 or not 0 <= mutant_fraction <= 1 or kappa < 0:
@@ -52,6 +63,9 @@ class SurrogateGuided(Strategy):
                 "need n_init, pool, n_parents, shortlist >= 1, 0 <= mutant_fraction <= 1 and "
                 f"kappa >= 0; got {n_init}, {pool}, {n_parents}, {shortlist}, {mutant_fraction}, {kappa}"
             )
+        if not 0 <= min_feasible <= 1:
+            raise ValueError(f"need 0 <= min_feasible <= 1, got {min_feasible}")
+        self.min_feasible = float(min_feasible)
         self.n_init, self.pool, self.mutant_fraction = n_init, pool, mutant_fraction
         self.n_parents, self.kappa = n_parents, kappa
         self.stats_fn = stats_fn
@@ -108,30 +122,48 @@ class SurrogateGuided(Strategy):
         return fresh or [g for k, g in out.items() if k not in seen] or list(out.values())
 
     def _propose(self) -> Genotype:
-        done = self.finished()
-        if len(done) < self.n_init:
+        if len(self.history) < self.n_init:  # failed trials count: they are data too
             return self.space.sample(self.rng)
-        losses = np.array([y for _, y, _ in done], dtype=np.float64)
+        done = self.finished()
+        losses = np.array([y for _, y, _ in done], dtype=np.float64).reshape(len(done), self.n_objectives)
         violation = np.array([v for _, _, v in done], dtype=np.float64)
         m = self.n_objectives
         weights = self.rng.dirichlet(np.ones(m)) if m > 1 else np.ones(1)
 
         # parents: the best under this ask's weights (single objective: simply the best)
-        lo, hi = losses.min(0), losses.max(0)
-        scale = np.where(hi > lo, hi - lo, 1.0)
-        norm = (losses - lo) / scale
-        order = constrained_order(norm, violation, weights=weights if m > 1 else np.ones(1))
-        parents = [done[int(i)][0] for i in order[: self.n_parents]]
+        norm = np.zeros_like(losses)
+        parents: list[Genotype] = []
+        if done:
+            lo, hi = losses.min(0), losses.max(0)
+            scale = np.where(hi > lo, hi - lo, 1.0)
+            norm = (losses - lo) / scale
+            order = constrained_order(norm, violation, weights=weights if m > 1 else np.ones(1))
+            parents = [done[int(i)][0] for i in order[: self.n_parents]]
 
-        cands = self._candidates(parents)
+        cands, p_run = self._feasible(self._candidates(parents), with_stats=False)
+        if len(done) < 2:  # no loss model yet: the candidate most likely to run
+            return cands[int(np.argmax(p_run))] if p_run is not None else cands[0]
         score = self._score(done, cands, norm, violation, weights, with_stats=False)
         if self.stats_fn is not None:
             # Model statistics cost a model build each (10-100 ms), too much for the whole pool:
             # rescore only the shortlist the encoding-only surrogate likes best.
             top = np.argsort(score, kind="stable")[: self.shortlist]
-            cands = [cands[int(i)] for i in top]
+            cands, _ = self._feasible([cands[int(i)] for i in top], with_stats=True)
             score = self._score(done, cands, norm, violation, weights, with_stats=True)
         return cands[int(np.argmin(score))]
+
+    def _feasible(self, cands: list[Genotype], with_stats: bool) -> tuple[list[Genotype], np.ndarray | None]:
+        """The candidates the feasibility model expects to run (at least ``min_feasible``, else
+        the most likely ones) and their predicted chances; all of them, and None, while the
+        history holds no failure (or nothing that ran) to learn from."""
+        ran = np.array([y is not None for _, y, _ in self.history], dtype=np.float64)
+        if ran.all() or not ran.any():
+            return cands, None
+        X_train = np.stack([self.features(g, with_stats) for g, _, _ in self.history])
+        X = np.stack([self.features(g, with_stats) for g in cands])
+        p_run = np.clip(self._fit(X_train, ran).predict(X), 0.0, 1.0)
+        keep = np.flatnonzero(p_run >= min(self.min_feasible, float(p_run.max())))
+        return [cands[int(i)] for i in keep], p_run[keep]
 
     def _score(
         self,

@@ -4,7 +4,7 @@ Canonical form: ``space@version|key=value|key=value`` with the keys in the order
 declares them. A value is an int, a float, a name (``[A-Za-z_][A-Za-z0-9_.-]*``) or a tuple of
 values written ``(a,b,c)``. So a DARTS cell reads, for example::
 
-    darts@1|normal=((0,sep_conv_3x3,1,skip_connect),...)|reduce=(...)
+    darts@2|normal=((0,sep_conv_3x3,1,skip_connect),...)|reduce=(...)
 
 The string round-trips (``Genotype.from_str(g.to_str()) == g``) and its SHA-1 prefix is the
 architecture's id everywhere: store rows, file names, logs.

@@ -213,7 +213,7 @@ def _parse_user_or_space(space: str | None, options: Mapping[str, Any]) -> Calla
     return SpaceParser(space, dict(options))
 
 
-def _top_candidates(store: RunStore, k: int) -> list[Genotype]:
+def _top_candidates(store: RunStore, k: int) -> list[str]:
     """The run's Pareto front of finished architecture trials (feasible, non-dominated), best
     first on the primary objective; the first ``k``."""
     recs = [r for r in store.records() if r.get("stage") in ("search", None) and r["status"] == "complete"]
@@ -225,7 +225,7 @@ def _top_candidates(store: RunStore, k: int) -> list[Genotype]:
     mask = pareto_mask(arr, feasible)
     front = [r for r, m in zip(recs, mask, strict=True) if m]
     front.sort(key=lambda r: tuple(arr[recs.index(r)]))  # losses: best primary objective first
-    return [Genotype.from_str(r["genotype"]) for r in front[:k]]
+    return [r["genotype"] for r in front[:k]]
 
 
 def prepare_compress(config: CompressConfig | None = None, resume: str | Path | None = None) -> CompressRun:
@@ -312,7 +312,8 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         architectures = [user_genotype(user.sha1)]
     else:
         store_ro = _open_run_store(out, read_only=True)
-        architectures = _top_candidates(store_ro, cfg.top_k)
+        # parsed by the run's space: strings of older genotype versions come back in today's form
+        architectures = [parse(text) for text in _top_candidates(store_ro, cfg.top_k)]
         probe = evaluator._trainer()
         # the training form: the passes start from it (see `deploy_policy`)
         model = probe.search_space().build(architectures[0], data.input_shape, data.num_classes)

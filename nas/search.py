@@ -147,7 +147,8 @@ def read_config(run_dir: str | Path) -> SearchConfig:
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder (no config.json)")
-    return SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    cfg = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    return _old_darts_rules(cfg, Path(run_dir))
 
 
 def open_store(run_dir: str | Path, read_only: bool = False) -> RunStore:
@@ -168,6 +169,7 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         saved = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
         # a resume may extend the run: only the number of trials can change
         cfg = saved if config is None else saved.replace(trials=max(config.trials, saved.trials))
+        cfg = _old_darts_rules(cfg, out)
     else:
         cfg = config or SearchConfig()
         out = Path(cfg.out) if cfg.out else _default_out(cfg)
@@ -236,6 +238,18 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         static_metrics=static,
     )
     return SearchRun(out, cfg, store, controller, evaluator, space, lock, created)
+
+
+def _old_darts_rules(cfg: SearchConfig, out: Path) -> SearchConfig:
+    """A `darts` run made before genotypes v2 holds `darts@1` cells, which were NASNet-rule cells
+    (inputs may repeat, only unconsumed blocks concatenated): resume it in that space, so its
+    trials parse and build the network they built."""
+    if cfg.space != "darts" or "rules" in cfg.space_options or not (out / "study.db").is_file():
+        return cfg
+    records = _store_for(cfg, out, read_only=True).records()
+    if any(str(r.get("genotype") or "").startswith("darts@1|") for r in records):
+        return cfg.replace(space_options={**dict(cfg.space_options), "rules": "nasnet"})
+    return cfg
 
 
 def _model_statistics(evaluator: Any) -> Callable[[Any], np.ndarray]:

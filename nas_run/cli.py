@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then compress the run's best candidates with the built-in policies (as `nas-run compress --run DIR`)",
     )
+    s.add_argument("--report", action="store_true", help="then write the run's report (as `nas-run report DIR`)")
+    s.add_argument(
+        "--export",
+        metavar="FORMAT",
+        help="then export the best trial to DIR/export/ (as `nas-run export DIR --format FORMAT`)",
+    )
     show = sub.add_parser(
         "show",
         help="a run's trials and Pareto front (while it runs, too)",
@@ -140,6 +146,13 @@ def _search(args: argparse.Namespace) -> int:
     else:
         config = SearchConfig.from_mapping(settings, source=args.config or "flags")
 
+    if args.export is not None:  # a typo must not cost the whole search first
+        from compress.export_formats import FORMATS
+        from search_spaces import UnknownNameError
+
+        if args.export not in FORMATS:
+            raise UnknownNameError("export format", args.export, FORMATS)
+
     from nas_run.progress import Progress
 
     progress = Progress(quiet=args.quiet)
@@ -152,6 +165,29 @@ def _search(args: argparse.Namespace) -> int:
         print(f"\ncompressing the best candidates of {run.out} (nas-run compress --run {run.out})")
         shown = CompressProgress(args.quiet)
         shown.summary(run_compress(CompressConfig(run=str(run.out)), on_result=shown.on_result))
+    return _then_report_and_export(args, run.out)
+
+
+_EXPORT_NAMES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "torchscript": "model.pt"}
+
+
+def _then_report_and_export(args: argparse.Namespace, out: Any) -> int:
+    """`search --report --export FORMAT`: the same as the two commands on the run folder."""
+    from types import SimpleNamespace
+
+    if args.report:
+        from .report_cmd import report_command
+
+        print(f"\nreport of {out} (nas-run report {out})")
+        report_command(SimpleNamespace(dirs=[str(out)], out=None, top_k=5, no_png=False))
+    if args.export is not None:
+        from .export_cmd import export_command
+
+        path = out / "export" / _EXPORT_NAMES.get(args.export, f"model.{args.export}")
+        print(f"\nexporting the best trial of {out} (nas-run export {out} --format {args.export} --out {path})")
+        return export_command(
+            SimpleNamespace(dir=str(out), trial=None, policy=None, format=args.export, out=str(path))
+        )
     return 0
 
 

@@ -35,3 +35,16 @@ def test_ray_trials_train_where_their_resources_say(tmp_path, gpus_per_trial):
     assert len(df) == 4 and (df.status == "complete").all()
     # 0.5 each: two trials share the GPU and both train on it; 0: Ray hides the GPU from them
     assert (df.gpu == float(gpus_per_trial > 0)).all()
+
+
+def test_compression_trials_fine_tune_on_the_gpu_they_are_given(tmp_path):
+    from compress.policy import Policy
+    from compress.run import CompressConfig, run_compress
+
+    out = tmp_path / "run"
+    run_search(SearchConfig(space="nb201", dataset="digits", strategy="random", trials=2, epochs=1, out=str(out)))
+    prune = Policy.of(("structured", {"ratio": 0.5}), ("finetune", {"epochs": 1})).to_str()
+    cfg = CompressConfig(run=str(out), top_k=2, policies=(prune,), runner="ray", gpus_per_trial=0.5)
+    table = run_compress(cfg).table()
+    assert len(table) == 2 and (table.status == "complete").all()
+    assert (table.gpu == 1.0).all() and (table.params < table.base_params).all()

@@ -536,11 +536,8 @@ def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _plain(value: Any) -> Any:

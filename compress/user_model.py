@@ -424,11 +424,8 @@ def _starts_like_pickle(path: Path) -> bool:
 
 
 def _file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def _is_script(module: Any) -> bool:

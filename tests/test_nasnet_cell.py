@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from search_spaces.darts_genotypes import named_genotype
 from search_spaces.errors import ConfigError, DatasetError, GenotypeError, UnknownNameError
 from search_spaces.genotype import Genotype
 from search_spaces.nasnet_cell import (
@@ -29,14 +30,9 @@ from search_spaces.nasnet_cell import (
 from search_spaces.nasnet_model import NASNetCell, NASNetNetwork
 from search_spaces.nasnet_ops import OPS
 
-# DARTS' published "DARTS_V2" cell, written as canonical (in1, op1, in2, op2) blocks.
-DARTS_V2 = (
-    "darts@2"
-    "|normal=((0,sep_conv_3x3,1,sep_conv_3x3),(0,sep_conv_3x3,1,sep_conv_3x3),"
-    "(0,skip_connect,1,sep_conv_3x3),(0,skip_connect,2,dil_conv_3x3))"
-    "|reduce=((0,max_pool_3x3,1,max_pool_3x3),(1,max_pool_3x3,2,skip_connect),"
-    "(0,max_pool_3x3,2,skip_connect),(1,max_pool_3x3,2,skip_connect))"
-)
+# DARTS' published "DARTS_V2" cell as canonical (in1, op1, in2, op2) blocks (its literal string
+# is checked in test_darts_space.py)
+DARTS_V2 = named_genotype("DARTS_V2").to_str()
 # A NASNet-rule cell pair (an input read twice; block 0 consumed by block 2).
 NASNET = (
     "nasnet@2"

@@ -129,7 +129,7 @@ class TrainingEvaluator:
             total, seen = 0.0, 0
             for step in range(steps_per_epoch):
                 idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-                loss = loss_fn(model(x_tr[idx]), y_tr[idx])
+                loss = self._loss(model, loss_fn, x_tr[idx], y_tr[idx])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
                 opt.zero_grad(set_to_none=True)
@@ -142,6 +142,17 @@ class TrainingEvaluator:
             if report is not None:
                 report(epoch, {"val_acc": val_acc, "train_loss": total / max(seen, 1)})
         return model, val_acc, device
+
+    # DARTS (Liu et al. 2019, Sec. 3.3): the auxiliary classifier's loss, weighted 0.4, joins the
+    # training loss when the network has one; evaluation uses the main head only
+    AUX_WEIGHT = 0.4
+
+    def _loss(self, model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if getattr(model, "auxiliary_head", None) is None:
+            return loss_fn(model(x), y)
+        logits, aux = model.forward_with_aux(x)
+        loss = loss_fn(logits, y)
+        return loss if aux is None else loss + self.AUX_WEIGHT * loss_fn(aux, y)
 
     def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
         model, val_acc, device = self.train_model(genotype, budget, report)

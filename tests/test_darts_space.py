@@ -234,3 +234,18 @@ def test_version_1_strings() -> None:
     text = h.to_str().replace("nasnet@2", "nasnet@1")
     text = text.split("|")[0] + f"|normal=({swapped})|" + text.split("|")[2]
     assert nasnet.from_str(text) == h
+
+
+def test_training_adds_the_auxiliary_loss_when_the_network_has_the_head():
+
+    from nas.training import TrainingEvaluator
+
+    space = get_space("darts").tiny().with_options(auxiliary=True)
+    model = space.build(space.sample(np.random.default_rng(0)), (1, 8, 8), 10)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    ce = torch.nn.CrossEntropyLoss()
+    logits, aux = model.forward_with_aux(x)
+    assert aux is not None
+    loss = TrainingEvaluator(space="darts")._loss(model, ce, x, y)
+    assert torch.allclose(loss, ce(logits, y) + 0.4 * ce(aux, y))
+    assert torch.allclose(model(x), logits)  # evaluation: the main head only

@@ -12,8 +12,7 @@ running are marked failed ("interrupted") by the store and run again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from types import SimpleNamespace
+from collections.abc import Callable, Sequence
 
 from nas.controller import uses_evaluation
 from nas.store import RunStore
@@ -32,14 +31,15 @@ class CompressionController:
         candidates: Sequence[tuple[Genotype, str]],
         budget: int,
         seed: int,
-        parse: object = Genotype.from_str,
+        parse: Callable[[str], Genotype] = Genotype.from_str,
         strategy_name: str = "policy-list",
     ):
         self.store, self.budget, self.seed = store, budget, seed
         self.objectives = store.objectives
         self.constraints = store.constraints
         self.static_metrics = None  # no pre-training rejection: the architecture is trained already
-        self.strategy = SimpleNamespace(space=SimpleNamespace(from_str=parse), name=strategy_name)
+        self.parse = parse  # genotype text -> genotype, shipped to Ray workers
+        self.strategy_name = strategy_name
         self.in_flight: dict[int, Candidate] = {}
         self.store.interrupted(stages=(COMPRESS_STAGE,))  # marked failed; run again below
         done = {
@@ -69,7 +69,7 @@ class CompressionController:
             genotype.to_str(),
             genotype.id,
             self.budget,
-            self.strategy.name,
+            self.strategy_name,
             self.seed,
             policy=policy,
             stage=COMPRESS_STAGE,

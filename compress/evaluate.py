@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from nas.trial import Reporter
 from search_spaces import Genotype
 
-from .errors import PolicyError
 from .passes.base import PassContext
 from .policy import Compressed, Policy
 
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 
     from nas.data import Dataset
 
-__all__ = ["BaseModel", "CompressionEvaluator", "needs_eager", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
+__all__ = ["BaseModel", "CompressionEvaluator", "check_policy", "needs_eager", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
 
 # what a TorchScript model goes through as it is; for any other pass its graph is first converted
 # to an eager module (`CompressionEvaluator.as_eager`)
@@ -61,12 +60,12 @@ def artefact_dir(root: str | Path, genotype: Genotype, policy: Policy) -> Path:
 @dataclass
 class BaseModel:
     """The uncompressed model: ``module`` in its training form (what the passes start from, and
-    the distillation teacher), ``deploy`` in the form it ships in (large-kernel branches and BNs
-    merged; the same object when there is nothing to merge), and what it scores (the reference)."""
+    the distillation teacher) and ``deploy`` in the form it ships in (large-kernel branches and BNs
+    merged; the same object when there is nothing to merge). What it scores is measured with the
+    compressed model, in the same runtime (`measure`)."""
 
     module: nn.Module
     kind: str  # "eager" or "torchscript"
-    val_acc: float
     retrained: bool = False
     deploy: nn.Module | None = None
 
@@ -146,11 +145,7 @@ class CompressionEvaluator:
         )
 
     def load_base(self, genotype: Genotype) -> BaseModel:
-        """The trained, uncompressed model (deploy form, eval mode, CPU) and its val accuracy."""
-        import torch
-
-        from .passes.finetune import evaluate_accuracy
-
+        """The trained, uncompressed model (training and deploy form, eval mode, CPU)."""
         data = self.data()
         retrained = False
         if genotype.space == USER_MODEL_SPACE:
@@ -184,9 +179,7 @@ class CompressionEvaluator:
             from search_spaces.large_kernel import reparameterize
 
             deploy = reparameterize(copy.deepcopy(module).eval())
-        with torch.no_grad():
-            acc = evaluate_accuracy(deploy, data.x_val, data.y_val)
-        return BaseModel(module, kind, acc, retrained, deploy)
+        return BaseModel(module, kind, retrained, deploy)
 
     def as_eager(self, base: BaseModel) -> BaseModel:
         """A TorchScript model as an eager fx module with real Conv/BN/Linear layers (through its
@@ -195,7 +188,7 @@ class CompressionEvaluator:
         from .onnx_to_torch import to_eager
 
         module = to_eager(base.module, tuple(self.data().input_shape)).eval()
-        return BaseModel(module, "eager", base.val_acc, base.retrained)
+        return BaseModel(module, "eager", base.retrained)
 
     @property
     def mergeable(self) -> bool:
@@ -346,4 +339,3 @@ def check_policy(policy: Policy, model: nn.Module) -> None:
                 resolve_layers(model, list(value), f"pass {spec.name!r} setting {key!r}")
 
 
-__all__ += ["check_policy", "PolicyError"]

@@ -19,9 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +185,6 @@ class CompressRun:
     policies: list[Policy]
     lock: Any = None
     created: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def table(self) -> Any:
         """The compression trials, one row each (pandas)."""
@@ -203,14 +201,6 @@ class CompressRun:
 
             write_tables(self.out, self.store)
         return path
-
-
-def _parse_user_or_space(space: str | None, options: Mapping[str, Any]) -> Callable[[str], Genotype]:
-    if space is None:
-        return Genotype.from_str
-    from nas.runners.ray_tune import SpaceParser
-
-    return SpaceParser(space, dict(options))
 
 
 def _top_candidates(store: RunStore, k: int) -> list[str]:
@@ -268,8 +258,9 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             threads=max(1, int(cfg.cpus_per_trial)),
         )
         objectives_from = None
-        parse = _parse_user_or_space(run_cfg.space, dict(space.options))
-        budget = cfg.finetune_epochs
+        from nas.runners.ray_tune import SpaceParser
+
+        parse: Callable[[str], Genotype] = SpaceParser(run_cfg.space, dict(space.options))
     else:
         out = Path(str(cfg.out))
         if out.exists() and not out.is_dir():
@@ -292,7 +283,6 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             if o.metric not in COMPRESS_METRICS:
                 raise UnknownNameError("metric for compression objectives", o.metric, COMPRESS_METRICS)
         parse = Genotype.from_str
-        budget = cfg.finetune_epochs
 
     data = evaluator.data()  # a bad data set fails now
     # pre-flight on the real model: layer names, data shape, TorchScript limits
@@ -348,7 +338,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         raise
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
     candidates = [(g, p.to_str()) for g in architectures for p in policies]
-    controller = CompressionController(store, candidates, budget=budget, seed=cfg.seed, parse=parse)
+    controller = CompressionController(store, candidates, budget=cfg.finetune_epochs, seed=cfg.seed, parse=parse)
     return CompressRun(out, cfg, store, controller, evaluator, architectures, policies, lock, created)
 
 
@@ -403,7 +393,7 @@ def run_compress(
                 address=cfg.ray_address,
                 scheduler="none",  # one fine-tuning per candidate: nothing to stop early
                 storage_path=str((run.out / "ray-compress").resolve()),
-                parse=run.controller.strategy.space.from_str,
+                parse=run.controller.parse,
                 on_result=on_result,
             )
         else:
@@ -418,7 +408,3 @@ def run_compress(
             run.lock.close()
     run.write_table()
     return run
-
-
-def stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")

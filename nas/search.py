@@ -163,13 +163,9 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
 
     if resume is not None:
         out = Path(resume)
-        cfg_path = out / "config.json"
-        if not cfg_path.is_file():
-            raise ConfigError(f"{str(out)!r} is not a run folder (no config.json); cannot resume")
-        saved = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+        saved = read_config(out)  # also resolves the space of pre-v2 darts runs
         # a resume may extend the run: only the number of trials can change
         cfg = saved if config is None else saved.replace(trials=max(config.trials, saved.trials))
-        cfg = _old_darts_rules(cfg, out)
     else:
         cfg = config or SearchConfig()
         out = Path(cfg.out) if cfg.out else _default_out(cfg)

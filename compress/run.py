@@ -36,6 +36,7 @@ from search_spaces import ConfigError, Genotype, UnknownNameError
 from .controller import COMPRESS_STAGE, CompressionController
 from .evaluate import CompressionEvaluator, check_policy, needs_eager, user_genotype
 from .policy import Policy
+from .policy_search import ControllerChain
 
 __all__ = [
     "COMPRESS_METRICS",
@@ -87,6 +88,13 @@ class CompressConfig:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 2
     ray_address: str | None = None
+    # policy search (instead of a fixed list): a strategy, evaluations per architecture, the
+    # family of policies searched (`compress.policy_space.KINDS`) and constraints on its metrics
+    search: str | None = None
+    budget: int = 20
+    policy_space: str = "prune+int8"
+    constraints: tuple[str, ...] = ()
+    search_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.model is None):
@@ -102,6 +110,35 @@ class CompressConfig:
             )
         if self.runner not in RUNNERS:
             raise UnknownNameError("runner", self.runner, RUNNERS)
+        if self.search is not None:
+            from nas.strategies.base import get_strategy
+
+            from .policy_search import STRATEGY_ALIASES
+            from .policy_space import KINDS
+
+            if self.search not in STRATEGY_ALIASES:
+                try:
+                    get_strategy(self.search)
+                except UnknownNameError:
+                    from nas.strategies.base import list_strategies
+
+                    raise UnknownNameError("policy search strategy", self.search,
+                                           [*dict(list_strategies()), *STRATEGY_ALIASES]) from None
+            if self.policy_space not in KINDS:
+                raise UnknownNameError("policy space", self.policy_space, KINDS)
+            if self.budget < 1:
+                raise ConfigError(f"--budget is the number of policy evaluations per model, >= 1; got {self.budget}")
+            if self.policies or self.nni_config:
+                raise ConfigError("--search searches policies itself; drop --policy/--nni-config and the pass flags")
+            from nas.objectives import parse_constraints
+
+            named = [o.metric for o in parse_objectives(self.objectives)] + [
+                c.metric for c in parse_constraints(self.constraints)]
+            for metric in named:
+                if metric not in COMPRESS_METRICS:
+                    raise UnknownNameError("metric for compression objectives and constraints", metric, COMPRESS_METRICS)
+        elif self.constraints:
+            raise ConfigError("--constraint goes with --search (a policy search); a fixed list is measured as given")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> CompressConfig:
@@ -112,6 +149,8 @@ class CompressConfig:
             if norm not in known:
                 raise UnknownNameError(f"key in {source}", key, known)
             kwargs[norm] = tuple(value) if isinstance(value, list) else value
+        if "search_options" in kwargs and not isinstance(kwargs["search_options"], Mapping):
+            raise ConfigError(f"search_options in {source} is a table of strategy options, got {kwargs['search_options']!r}")
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:
@@ -179,7 +218,7 @@ class CompressRun:
     out: Path
     config: CompressConfig
     store: RunStore
-    controller: CompressionController
+    controller: CompressionController | ControllerChain
     evaluator: CompressionEvaluator
     architectures: list[Genotype]
     policies: list[Policy]
@@ -234,6 +273,8 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         cfg = config
 
     policies = [Policy.from_json(p) for p in cfg.policies] or builtin_policies(cfg.finetune_epochs, cfg.finetune_lr)
+    if cfg.search is not None:
+        policies = []  # a policy search proposes its own
     if cfg.run is not None:
         out = Path(cfg.run)
         run_cfg = read_config(out)
@@ -337,9 +378,41 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             shutil.rmtree(out, ignore_errors=True)
         raise
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
-    candidates = [(g, p.to_str()) for g in architectures for p in policies]
-    controller = CompressionController(store, candidates, budget=cfg.finetune_epochs, seed=cfg.seed, parse=parse)
+    controller: CompressionController | ControllerChain
+    if cfg.search is not None:
+        try:
+            controller = _policy_search(cfg, out, store, evaluator, architectures)
+        except BaseException:
+            lock.close()
+            raise
+    else:
+        candidates = [(g, p.to_str()) for g in architectures for p in policies]
+        controller = CompressionController(store, candidates, budget=cfg.finetune_epochs, seed=cfg.seed, parse=parse)
     return CompressRun(out, cfg, store, controller, evaluator, architectures, policies, lock, created)
+
+
+def _policy_search(
+    cfg: CompressConfig, out: Path, store: RunStore, evaluator: CompressionEvaluator, architectures: Sequence[Genotype]
+) -> ControllerChain:
+    """One policy space per architecture (measured on its trained model, or read back from the
+    run folder) and a controller searching it."""
+    from nas.objectives import parse_constraints
+
+    from .policy_search import policy_controllers, policy_space_for
+
+    objectives = parse_objectives(cfg.objectives)  # names checked by CompressConfig
+    constraints = parse_constraints(cfg.constraints)
+    finetune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "kd": True}
+    spaces = []
+    for g in architectures:
+        base = evaluator.load_base(g)
+        if base.kind == "torchscript":
+            base = evaluator.as_eager(base)
+        spaces.append((g, policy_space_for(out, g, base.module, base.deploy, evaluator.data(), cfg.policy_space, finetune)))
+    return policy_controllers(
+        out, store, spaces, cfg.search, cfg.budget, objectives, constraints, cfg.seed, cfg.finetune_epochs,
+        options=dict(cfg.search_options),
+    )
 
 
 def _read_nni_config(path: str) -> list[Any]:

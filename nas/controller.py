@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
-from search_spaces import Genotype
+from search_spaces import Genotype, SearchSpace
 
-from .objectives import Constraint, Objective, losses
+from .objectives import Constraint, Objective, losses, violation_of
 from .store import RunStore
-from .strategies.base import Strategy
+from .strategies.base import SpaceExhausted, Strategy
 from .trial import Candidate, TrialResult
 
-__all__ = ["SEARCH_STAGES", "SearchController", "uses_evaluation"]
+__all__ = ["SEARCH_STAGES", "ArchitectureRows", "ProposalRows", "SearchController", "uses_evaluation"]
 
 # stage of an architecture trial (None: rows of stores older than the stage field)
 SEARCH_STAGES = ("search", None)
@@ -37,6 +38,44 @@ def uses_evaluation(status: str, error: str) -> bool:
     return status in _COUNTED and not error.startswith("interrupted")
 
 
+class ProposalRows(Protocol):
+    """How a strategy's proposals map onto store rows. An architecture search stores the
+    proposal itself; a compression-policy search (`compress.policy_search`) proposes policy
+    genotypes and stores rows of (its fixed architecture, the policy's text), stage "compress"."""
+
+    stages: tuple[str | None, ...]  # the stages of its rows; the first is written
+
+    def row(self, proposal: Genotype) -> tuple[str, str, str]:
+        """(genotype text, genotype id, policy text) of the trial that evaluates ``proposal``."""
+        ...
+
+    def candidate(self, proposal: Genotype, budget: int, number: int) -> Candidate: ...
+
+    def proposal(self, record: Mapping[str, Any]) -> Genotype | None:
+        """The proposal a store record evaluated, or None if the record is not this search's."""
+        ...
+
+
+class ArchitectureRows:
+    """An architecture search: the row's genotype is the proposal (stage "search")."""
+
+    stages = SEARCH_STAGES
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def row(self, proposal: Genotype) -> tuple[str, str, str]:
+        return proposal.to_str(), proposal.id, ""
+
+    def candidate(self, proposal: Genotype, budget: int, number: int) -> Candidate:
+        return Candidate(proposal, budget, number, "")
+
+    def proposal(self, record: Mapping[str, Any]) -> Genotype | None:
+        if record.get("stage") not in self.stages or not record.get("genotype"):
+            return None  # compression trials of the same run are not this search's business
+        return self.space.from_str(record["genotype"])
+
+
 class SearchController:
     def __init__(
         self,
@@ -48,18 +87,29 @@ class SearchController:
         state_path: str | Path,
         static_metrics: Callable[[Genotype], Mapping[str, float]] | None = None,
         max_rejections: int = 500,
+        rows: ProposalRows | None = None,
+        objectives: Sequence[Objective] | None = None,
+        constraints: Sequence[Constraint] | None = None,
     ):
+        """``rows``: how proposals become store rows (default: architectures). ``objectives`` /
+        ``constraints``: what the strategy is told, when they differ from the store's (a policy
+        search in a search run's store has its own; its violations are computed here from the
+        recorded metrics, so a resume tells exactly what the first pass told)."""
         self.strategy, self.store = strategy, store
         self.budget, self.n_trials, self.seed = budget, n_trials, seed
         self.state_path = Path(state_path)
         self.static_metrics = static_metrics
         self.max_rejections = max_rejections
-        self.objectives: tuple[Objective, ...] = store.objectives
-        self.constraints: tuple[Constraint, ...] = store.constraints
+        self.rows: ProposalRows = rows if rows is not None else ArchitectureRows(strategy.space)
+        self.objectives: tuple[Objective, ...] = tuple(objectives) if objectives is not None else store.objectives
+        self._own_constraints = constraints is not None
+        self.constraints: tuple[Constraint, ...] = tuple(constraints) if constraints is not None else store.constraints
         self.in_flight: dict[int, Candidate] = {}
+        self._proposals: dict[int, Genotype] = {}  # trial number -> what the strategy proposed
         self.told: set[int] = set()
-        self.requeued: list[tuple[Genotype, str]] = []
+        self.requeued: list[Genotype] = []
         self.resumed_told = 0
+        self.exhausted = False  # the strategy has nothing left to propose (a finished grid)
         self._resume()
 
     # -- resume --------------------------------------------------------------------------------
@@ -70,44 +120,53 @@ class SearchController:
             self.told = set(saved["told"])
         else:
             saved = {}
-        # compression trials of the same run (stage "compress") are not this search's business
-        interrupted = self.store.interrupted(stages=SEARCH_STAGES)
+        interrupted = self.store.interrupted(stages=self.rows.stages)
         records = self.store.records()
         self._rows = len(records)
         for rec in interrupted:
             self.told.add(rec["number"])  # its FAIL row is bookkeeping, not a result to learn from
             if rec.get("genotype"):  # rows of older stores may lack it (see RunStore.start)
-                self._requeue(rec["genotype"], rec.get("policy", ""))
+                proposal = self.rows.proposal(rec)
+                if proposal is not None:
+                    self._requeue(proposal)
         # Saved to run next when the driver died. One whose trial row appeared after the save
         # got as far as the store: it is requeued above if it was running, done if it finished
         # (a kill between recording a rejection and saving must not reject it twice).
         rows_at_save = saved.get("rows", len(records))
-        opened = {(r["genotype"], r["policy"]) for r in records[rows_at_save:]}
-        for genotype_str, policy in saved.get("requeued", []):
-            if (genotype_str, policy) not in opened:
-                self._requeue(genotype_str, policy)
+        opened = {p.to_str() for r in records[rows_at_save:] if (p := self.rows.proposal(r)) is not None}
+        for text in saved.get("requeued", []):
+            if isinstance(text, list):  # state files of earlier versions: [genotype, policy]
+                text = text[0]
+            if text not in opened:
+                self._requeue(self.strategy.space.from_str(text))
         for rec in records:
             if rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
                 continue
-            if rec.get("stage") not in SEARCH_STAGES:
+            g = self.rows.proposal(rec)
+            if g is None:
                 continue
-            g = self.strategy.space.from_str(rec["genotype"])
-            self._tell(rec["number"], g, rec["status"], rec["metrics"], rec.get("violation") or 0.0)
+            self._tell(rec["number"], g, rec["status"], rec["metrics"], self._violation(rec))
             self.resumed_told += 1
         # counted once here, then kept up to date by `finish` (no store scan per ask)
         self._counted = sum(
             uses_evaluation(r["status"], str(r.get("error") or ""))
             for r in records
-            if r.get("stage") in SEARCH_STAGES
+            if self.rows.proposal(r) is not None
         )
         self._save()
 
-    def _requeue(self, genotype_str: str, policy: str) -> None:
-        genotype = self.strategy.space.from_str(genotype_str)
-        if (genotype, policy) not in self.requeued:
-            self.requeued.append((genotype, policy))
+    def _violation(self, rec: Mapping[str, Any]) -> float:
+        if not self._own_constraints:
+            return float(rec.get("violation") or 0.0)
+        if rec["status"] not in ("complete", "stopped"):
+            return 0.0
+        return violation_of(self.constraints, rec["metrics"])
 
-    def _save(self, pending: tuple[Genotype, str] | None = None) -> None:
+    def _requeue(self, proposal: Genotype) -> None:
+        if proposal not in self.requeued:
+            self.requeued.append(proposal)
+
+    def _save(self, pending: Genotype | None = None) -> None:
         """Write the strategy's state and the candidates still to run. `pending` is one whose
         trial is about to be opened: saved first, so a kill before the store write loses nothing,
         and one just after it is deduplicated against the interrupted trial on resume."""
@@ -116,7 +175,7 @@ class SearchController:
         state = {
             "strategy": self.strategy.state_dict(),
             "told": sorted(self.told),
-            "requeued": [[g.to_str(), policy] for g, policy in todo],
+            "requeued": [g.to_str() for g in todo],
             "rows": self._rows,  # store rows when saved: tells resume whether `pending` was opened
         }
         tmp.write_text(json.dumps(state))
@@ -133,35 +192,50 @@ class SearchController:
     # -- the loop --------------------------------------------------------------------------------
     def next(self) -> Candidate | None:
         """The next candidate to evaluate (its trial is open in the store), or None when the
-        run's evaluations are all started."""
+        run's evaluations are all started (or the strategy has nothing left to propose)."""
         if self.remaining() <= 0:
             return None
         # interrupted ones first, checked again: a kill mid-rejection requeues a too-big one
         while self.requeued:
-            genotype, policy = self.requeued.pop(0)
-            if self._passes_cheap_checks(genotype, policy):
-                return self._open(genotype, policy)
+            proposal = self.requeued.pop(0)
+            if self._passes_cheap_checks(proposal):
+                return self._open(proposal)
+        if self.exhausted:
+            return None
         for _ in range(self.max_rejections):
-            genotype = self.strategy.ask()
-            if self._passes_cheap_checks(genotype):
-                return self._open(genotype, "")
+            try:
+                proposal = self.strategy.ask()
+            except SpaceExhausted:
+                self.exhausted = True
+                return None
+            if self._passes_cheap_checks(proposal):
+                return self._open(proposal)
         raise RuntimeError(
             f"{self.max_rejections} proposals in a row violated the constraints "
             f"{[str(c) for c in self.constraints]} before training; loosen them or change the space"
         )
 
-    def _open(self, genotype: Genotype, policy: str) -> Candidate:
-        self._save(pending=(genotype, policy))
+    def _start_row(self, proposal: Genotype) -> int:
+        genotype_str, genotype_id, policy = self.rows.row(proposal)
         number = self.store.start(
-            genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
+            genotype_str, genotype_id, self.budget, self.strategy.name, self.seed,
+            policy=policy, stage=str(self.rows.stages[0]),
+            # the proposal is kept when it is not the genotype itself (a policy search's)
+            extra={"proposal": proposal.to_str()} if proposal.to_str() != genotype_str else None,
         )
         self._rows = number + 1
+        return number
+
+    def _open(self, proposal: Genotype) -> Candidate:
+        self._save(pending=proposal)
+        number = self._start_row(proposal)
         # no second save here: the saved `rows` already tells resume this candidate got a row
-        cand = Candidate(genotype, self.budget, number, policy)
+        cand = self.rows.candidate(proposal, self.budget, number)
         self.in_flight[number] = cand
+        self._proposals[number] = proposal
         return cand
 
-    def _passes_cheap_checks(self, genotype: Genotype, policy: str = "") -> bool:
+    def _passes_cheap_checks(self, genotype: Genotype) -> bool:
         """Evolving Normalization-Activation Layers-style rejection: constraints on metrics we
         can compute without training (params, FLOPs) are checked before a trial starts."""
         if self.static_metrics is None or not self.constraints:
@@ -171,25 +245,25 @@ class SearchController:
         broken = [c for c in checkable if not c.satisfied(static)]
         if not broken:
             return True
-        self._save(pending=(genotype, policy))
-        number = self.store.start(
-            genotype.to_str(), genotype.id, self.budget, self.strategy.name, self.seed, policy=policy
-        )
-        self._rows = number + 1
+        self._save(pending=genotype)
+        number = self._start_row(genotype)
         why = "rejected before training: " + ", ".join(
             f"{c} ({c.metric}={static[c.metric]:g})" for c in broken
         )
         result = TrialResult("rejected", static, (), why, 0.0)
-        violation = self.store.finish(Candidate(genotype, self.budget, number, policy), result)
+        violation = self.store.finish(self.rows.candidate(genotype, self.budget, number), result)
         self._tell(number, genotype, "rejected", static, violation)
         self._save()
         return False
 
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
         violation = self.store.finish(candidate, result)
+        if self._own_constraints:
+            violation = violation_of(self.constraints, result.metrics) if result.status in ("complete", "stopped") else 0.0
         self.in_flight.pop(candidate.number, None)
+        proposal = self._proposals.pop(candidate.number, candidate.genotype)
         self._counted += uses_evaluation(result.status, result.error)
-        self._tell(candidate.number, candidate.genotype, result.status, result.metrics, violation)
+        self._tell(candidate.number, proposal, result.status, result.metrics, violation)
         self._save()
 
     def _tell(

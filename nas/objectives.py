@@ -37,6 +37,13 @@ KNOWN_METRICS: dict[str, str] = {
     "onnx_latency_ms": "min",
     "model_size_mb": "min",
     "train_time_s": "min",
+    # compression trials' metrics (`compress.evaluate`)
+    "acc_drop": "min",
+    "speedup": "max",
+    "file_bytes": "min",
+    "zip_bytes": "min",
+    "size_ratio": "max",
+    "sparsity": "max",
 }
 
 
@@ -129,3 +136,17 @@ def losses(objectives: Sequence[Objective], metrics: Mapping[str, float]) -> tup
 
 def violations(constraints: Sequence[Constraint], metrics: Mapping[str, float]) -> list[str]:
     return [str(c) for c in constraints if not c.satisfied(metrics)]
+
+
+def excess(c: Constraint, metrics: Mapping[str, float]) -> float:
+    """How far a metric is past its bound (<= 0 satisfied); unknown metrics count as violated."""
+    v = metrics.get(c.metric)
+    if v is None or not math.isfinite(v):
+        return 1.0
+    return v - c.bound if c.op in ("<=", "<") else c.bound - v
+
+
+def violation_of(constraints: Sequence[Constraint], metrics: Mapping[str, float]) -> float:
+    """Summed excess of the broken constraints (0 = feasible); a bound met with equality under a
+    strict operator counts as a tiny violation, as `RunStore.finish` records it."""
+    return sum(max(excess(c, metrics), 1e-12) for c in constraints if not c.satisfied(metrics))

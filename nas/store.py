@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import platform
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from search_spaces import ConfigError
 
-from .objectives import Constraint, Objective, losses
+from .objectives import Constraint, Objective, excess, losses
 from .pareto import pareto_mask
 from .trial import Candidate, TrialResult
 
@@ -113,8 +113,12 @@ class RunStore:
         seed: int,
         policy: str = "",
         stage: str = "search",
+        extra: Mapping[str, Any] | None = None,
     ) -> int:
+        """Open a RUNNING trial holding the whole record; ``extra`` adds fields to it (e.g. the
+        strategy's proposal when it is not the genotype)."""
         attrs = {
+            **dict(extra or {}),
             "genotype": genotype_str,
             "genotype_id": genotype_id,
             "policy": policy,
@@ -149,11 +153,11 @@ class RunStore:
         trial = self._trial(candidate.number)
         violation = 0.0
         for c in self.constraints:
-            excess = _excess(c, result.metrics)
+            over = excess(c, result.metrics)
             if not c.satisfied(result.metrics):  # strict bounds: at the bound is violated too
-                violation += max(excess, 1e-12)
-                excess = max(excess, 1e-12)
-            trial.set_constraint(str(c), excess)
+                violation += max(over, 1e-12)
+                over = max(over, 1e-12)
+            trial.set_constraint(str(c), over)
         trial.set_user_attr("status", result.status)
         trial.set_user_attr("metrics", result.metrics)
         trial.set_user_attr("history", list(result.history))
@@ -206,6 +210,7 @@ class RunStore:
                 "error": a.get("error", ""),
                 "genotype": a.get("genotype"),
                 "policy": a.get("policy", ""),
+                "proposal": a.get("proposal"),
                 "datetime_start": t.datetime_start,
                 "datetime_complete": t.datetime_complete,
                 "metrics": dict(a.get("metrics") or {}),
@@ -237,11 +242,3 @@ class RunStore:
         front = done[mask]
         first = self.objectives[0]
         return front.sort_values(first.metric, ascending=first.direction == "min").reset_index(drop=True)
-
-
-def _excess(c: Constraint, metrics: dict[str, float]) -> float:
-    """How far a metric is past its bound (<= 0 satisfied); unknown metrics count as violated."""
-    v = metrics.get(c.metric)
-    if v is None or not math.isfinite(v):
-        return 1.0
-    return v - c.bound if c.op in ("<=", "<") else c.bound - v

@@ -39,7 +39,16 @@ def add_compress_parser(sub: Any) -> None:
     pol.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 3e-3)")
     pol.add_argument("--policy", action="append", metavar="FILE", help="a policy file (JSON/TOML/YAML), repeatable")
     pol.add_argument("--nni-config", metavar="FILE", help="an NNI pruning config_list (JSON/YAML/TOML) as one more policy")
-    c.add_argument("--objectives", help="--model: comma list (default val_acc,onnx_latency_ms)")
+    srch = c.add_argument_group("policy search (instead of a fixed list of policies)")
+    srch.add_argument("--search", metavar="STRATEGY",
+                      help="search per-layer policies: surrogate (XGBoost-guided), random, grid, genetic, tpe, nsga2")
+    srch.add_argument("--budget", type=int, help="policy evaluations per model (default 20)")
+    srch.add_argument("--policy-space", metavar="KIND",
+                      help="what is searched: int8, prune, lowrank, prune+int8 (default), lowrank+int8")
+    srch.add_argument("--constraint", action="append", metavar="EXPR",
+                      help="e.g. 'acc_drop<=0.5' (points), 'onnx_latency_ms<=1'; repeatable")
+    c.add_argument("--objectives", help="comma list of compression metrics (default val_acc,onnx_latency_ms); "
+                   "with --run only for --search (a fixed list uses the run's own)")
     c.add_argument("--runner", help="local (default) or ray")
     c.add_argument("--cpus-per-trial", type=float)
     c.add_argument("--gpus-per-trial", type=float)
@@ -72,7 +81,8 @@ def compress_command(args: argparse.Namespace) -> int:
     from search_spaces import ConfigError
 
     if args.resume:
-        given = [k for k in ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config") if getattr(args, k)]
+        given = [k for k in ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config", "search",
+                             "budget", "policy_space", "constraint") if getattr(args, k)]
         if given or args.int8:
             raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
         progress = CompressProgress(args.quiet)
@@ -82,15 +92,18 @@ def compress_command(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
                 "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs",
-                "finetune_lr", "nni_config"):
+                "finetune_lr", "nni_config", "search", "budget", "policy_space"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
     if args.standardize:
         settings["standardize"] = True
+    if args.constraint:
+        settings["constraints"] = tuple(args.constraint)
     if args.objectives:
-        if args.run:
-            raise ConfigError("--objectives goes with --model; a run's compression trials use the run's objectives")
+        if args.run and not args.search:
+            raise ConfigError("--objectives goes with --model or --search; a run's fixed-list compression trials "
+                              "use the run's objectives")
         settings["objectives"] = tuple(s.strip() for s in args.objectives.split(",") if s.strip())
     epochs = args.finetune_epochs if args.finetune_epochs is not None else 4
     lr = args.finetune_lr if args.finetune_lr is not None else 3e-3

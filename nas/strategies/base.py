@@ -20,6 +20,7 @@ from search_spaces import ConfigError, Genotype, SearchSpace, UnknownNameError
 
 __all__ = [
     "Observation",
+    "SpaceExhausted",
     "Strategy",
     "constrained_order",
     "get_strategy",
@@ -30,6 +31,11 @@ __all__ = [
 
 # (genotype, losses or None if failed, violation >= 0)
 Observation = tuple[Genotype, tuple[float, ...] | None, float]
+
+
+class SpaceExhausted(Exception):
+    """Raised by `Strategy.ask` when every genotype of the space has been proposed (a grid that
+    is done): the controller ends the run early instead of repeating candidates."""
 
 
 class Strategy(ABC):
@@ -186,7 +192,7 @@ def list_strategies() -> list[tuple[str, str]]:
 
 
 def _load_builtin() -> None:
-    from . import evolution, optuna_samplers, random_search, surrogate_guided  # noqa: F401
+    from . import evolution, grid, optuna_samplers, random_search, surrogate_guided  # noqa: F401
 
 
 def constrained_order(

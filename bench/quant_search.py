@@ -1,0 +1,209 @@
+"""Quantune's comparison on our int8 policy space: how many evaluations each strategy needs to
+find the grid's best int8 configuration.
+
+Two phases, so the benchmark is cheap to re-run:
+
+1. ``--grid``: evaluate every point of the `PolicySpace` of kind ``int8`` (calibration x scheme x
+   format x granularity x layers kept in float: 192 configurations) as real compression trials
+   (`nas-run compress --search grid`: ORT quantization, accuracy and latency measured in ONNX
+   Runtime) on two models — a searched large-kernel model at full size (top of a search run's
+   front) and the plain ResNet-style CNN of bench/compress.py given as builder + state dict — and
+   keep each grid as a table (results/quant_grid_<model>.csv) with its space
+   (results/quant_grid_<model>.space.json).
+2. default: replay the strategies on the stored grids, ``--seeds`` runs each, as
+   bench/search_nb201.py replays NAS-Bench-201: ask a policy, look its measured metrics up, tell
+   them. Objective (one, the same for all): the lowest ORT batch-1 latency among configurations
+   within ``--max-drop`` accuracy points of the float model (a constraint, as ``--constraint
+   'acc_drop<=0.5'``). A run "reaches the best" at the first evaluation whose latency is within
+   ``--tolerance`` of the grid's best feasible latency (5% by default: the spread of one latency
+   measurement on this machine) — and, reported apart, at the exact best row.
+
+    python bench/quant_search.py --grid --search-run DIR   # ~20 min on 2 cores, once
+    python bench/quant_search.py                           # replay: ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "results"
+MODELS = ("searched", "cnn")
+STRATEGIES = ("grid", "random", "genetic", "tpe", "surrogate")
+CNN_SPEC = str(ROOT / "bench" / "resnet_cnn.py") + ":resnet_cnn"
+
+
+# -- phase 1: the grid -------------------------------------------------------------------------
+def evaluate_grid(model: str, work: Path, search_run: Path | None, cnn_epochs: int) -> None:
+    from compress.policy_space import PolicySpace
+    from compress.run import CompressConfig, run_compress
+
+    common = dict(search="grid", budget=10_000, policy_space="int8", seed=0,
+                  objectives=("onnx_latency_ms", "val_acc"), constraints=())
+    if model == "searched":
+        if search_run is None:
+            raise SystemExit("--grid needs --search-run DIR (a finished search run, e.g. bench/compress.py's)")
+        run_dir = work / "searched"
+        if not run_dir.exists():  # a copy: the grid's trials must not land in the original run
+            shutil.copytree(search_run, run_dir, ignore=shutil.ignore_patterns("compressed", "policy_search"))
+        cfg = CompressConfig(run=str(run_dir), top_k=1, **common)
+        out = run_dir
+    else:
+        from bench.compress import train_cnn
+
+        weights = work / "resnet_cnn.safetensors"
+        if not weights.is_file():
+            work.mkdir(parents=True, exist_ok=True)
+            print(f"training the CNN: val acc {train_cnn(weights, cnn_epochs):.4f}", flush=True)
+        out = work / "cnn"
+        cfg = CompressConfig(model=CNN_SPEC, weights=str(weights), dataset="mnist5k", out=str(out), **common)
+    resume = out if (out / "compress.json").is_file() and model == "cnn" else None
+
+    def show(cand: Any, result: Any) -> None:
+        m = result.metrics
+        text = (f"drop {m['acc_drop']:+.2f} ort {m['onnx_latency_ms']:.3f} ms speedup {m['speedup']:.2f}x"
+                if result.status == "complete" else result.error)
+        print(f"  [{model}] trial {cand.number}: {text} ({result.duration_s:.1f}s)", flush=True)
+
+    run = run_compress(None if resume else cfg, resume=resume, on_result=show)
+    chain = run.controller
+    ctl = chain.controllers[0]  # type: ignore[union-attr]
+    space: PolicySpace = ctl.strategy.space
+    rows = []
+    for rec in run.store.records():
+        g = ctl.rows.proposal(rec)
+        if g is None or rec["status"] != "complete":
+            continue
+        rows.append({"proposal": g.to_str(), **space.to_dims(g), **{k: rec["metrics"][k] for k in (
+            "val_acc", "acc_drop", "onnx_latency_ms", "base_onnx_latency_ms", "speedup", "file_bytes", "size_ratio")}})
+    import pandas as pd
+
+    RESULTS.mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(RESULTS / f"quant_grid_{model}.csv", index=False)
+    (RESULTS / f"quant_grid_{model}.space.json").write_text(json.dumps({
+        "space": space.to_json(), "architecture": ctl.rows.architecture.to_str(), "size": int(space.size()),
+        "evaluated": len(rows), "command": " ".join(sys.argv),
+    }))
+    print(f"{model}: {len(rows)} of {int(space.size())} grid points -> results/quant_grid_{model}.csv", flush=True)
+
+
+# -- phase 2: replay -----------------------------------------------------------------------------
+def load_grid(model: str) -> tuple[Any, dict[str, dict[str, float]]]:
+    import pandas as pd
+
+    from compress.policy_space import PolicySpace
+
+    meta = json.loads((RESULTS / f"quant_grid_{model}.space.json").read_text())
+    space = PolicySpace.from_json(meta["space"])
+    table = pd.read_csv(RESULTS / f"quant_grid_{model}.csv")
+    return space, {r["proposal"]: r for r in table.to_dict("records")}
+
+
+def replay(model: str, strategy: str, seed: int, max_drop: float, tolerance: float) -> dict[str, float]:
+    from compress.policy_search import STRATEGY_ALIASES
+    from nas.strategies.base import SpaceExhausted, make_strategy
+
+    space, table = load_grid(model)
+    feasible = [r for r in table.values() if r["acc_drop"] <= max_drop]
+    best = min(r["onnx_latency_ms"] for r in feasible)
+    name = STRATEGY_ALIASES.get(strategy, strategy)
+    opts = {"n_init": 5} if name == "surrogate" else {}
+    strat = make_strategy(name, space, n_objectives=1, seed=seed, **opts)
+    first_tol = first_exact = None
+    start = time.perf_counter()
+    for n in range(1, len(table) + 1):
+        try:
+            g = strat.ask()
+        except SpaceExhausted:
+            break
+        r = table.get(g.to_str())
+        if r is None:  # a grid point that failed to evaluate: a failed trial
+            strat.tell(g, None)
+            continue
+        violation = max(0.0, float(r["acc_drop"]) - max_drop)
+        strat.tell(g, (float(r["onnx_latency_ms"]),), violation)
+        if violation == 0:
+            if first_tol is None and r["onnx_latency_ms"] <= best * (1 + tolerance):
+                first_tol = n
+            if first_exact is None and r["onnx_latency_ms"] == best:
+                first_exact = n
+        if first_exact is not None and first_tol is not None:
+            break
+    size = float(len(table))
+    return {"tol": float(first_tol or size), "exact": float(first_exact or size),
+            "s": time.perf_counter() - start}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", action="store_true", help="evaluate the grids (phase 1) instead of replaying")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--search-run", type=Path, help="--grid: the search run whose best model is 'searched'")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/quant_search"))
+    ap.add_argument("--cnn-epochs", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the int8 model may lose")
+    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--out", type=Path, default=RESULTS / "quant_search.md")
+    args = ap.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    if args.grid:
+        for m in models:
+            evaluate_grid(m, args.work, args.search_run, args.cnn_epochs)
+        return
+    lines = [
+        "# int8 policy search: evaluations to reach the grid's best configuration",
+        "",
+        f"Command: `python bench/quant_search.py {' '.join(sys.argv[1:])}`".replace(" `", "`").replace("py`", "py `"),
+        "",
+        f"Objective: lowest ORT batch-1 latency with accuracy drop <= {args.max_drop} points. 'reached' = first "
+        f"evaluation within {args.tolerance:.0%} of the grid's best feasible latency (exact best in brackets); "
+        f"{args.seeds} seeds; a run that never reaches it counts the grid size. Grid: every configuration once, "
+        "in a seeded random order.",
+        "",
+    ]
+    for m in models:
+        space, table = load_grid(m)
+        meta = json.loads((RESULTS / f"quant_grid_{m}.space.json").read_text())
+        feasible = [r for r in table.values() if r["acc_drop"] <= args.max_drop]
+        best = min(feasible, key=lambda r: r["onnx_latency_ms"])
+        near = sum(r["onnx_latency_ms"] <= best["onnx_latency_ms"] * (1 + args.tolerance) for r in feasible)
+        lines += [
+            f"## {m}: `{meta['architecture'][:90]}`",
+            "",
+            f"Grid: {len(table)} configurations evaluated ({meta['size']} in the space), {len(feasible)} feasible, "
+            f"{near} within {args.tolerance:.0%} of the best; best feasible {best['onnx_latency_ms']:.4f} ms "
+            f"(speed-up {best['speedup']:.2f}x, drop {best['acc_drop']:+.2f} pts): `{best['proposal']}`. "
+            f"Grid command: `{meta['command']}`.",
+            "",
+            "| strategy | median evals to reach (exact) | mean | q75 | max | fewer than the full grid | s/run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for strategy in [s for s in args.strategies.split(",") if s]:
+            runs = [replay(m, strategy, seed, args.max_drop, args.tolerance) for seed in range(args.seeds)]
+            tol = np.array([r["tol"] for r in runs])
+            exact = np.array([r["exact"] for r in runs])
+            lines.append(
+                f"| {strategy} | {np.median(tol):.0f} ({np.median(exact):.0f}) | {tol.mean():.1f} | "
+                f"{np.quantile(tol, 0.75):.0f} | {tol.max():.0f} | {len(table) / np.median(tol):.1f}x | "
+                f"{np.mean([r['s'] for r in runs]):.1f} |"
+            )
+            print(lines[-1], flush=True)
+        lines.append("")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

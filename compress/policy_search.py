@@ -18,7 +18,7 @@ runner keeps its workers busy across them. Files in the run folder::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class ControllerChain:
         self.budget = first.budget
         self.static_metrics = None  # nothing to reject before a policy evaluation
         self.strategy = first.strategy
+        # architecture text -> genotype on Ray workers (the rows hold architectures, not proposals)
+        self.parse: Callable[[str], Genotype] = Genotype.from_str
         self._owner: dict[int, SearchController] = {}
 
     @property

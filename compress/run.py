@@ -385,6 +385,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         except BaseException:
             lock.close()
             raise
+        controller.parse = parse
     else:
         candidates = [(g, p.to_str()) for g in architectures for p in policies]
         controller = CompressionController(store, candidates, budget=cfg.finetune_epochs, seed=cfg.seed, parse=parse)

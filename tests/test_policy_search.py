@@ -212,3 +212,13 @@ def test_policy_search_user_errors_exit_2(weights, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.strip(), argv
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_policy_search_with_the_ray_runner_records_every_evaluation(weights, tmp_path):
+    out = tmp_path / "ray"
+    argv = [*_search_cmd(weights, out, 4, "random"), "--runner", "ray", "--max-concurrent", "2"]
+    assert main(argv) == 0
+    rows = _rows(out)
+    done = rows[rows.status == "complete"]
+    assert len(done) == 4 and done.policy.nunique() == 4

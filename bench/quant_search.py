@@ -204,7 +204,7 @@ def main() -> None:
             "",
             f"Grid: {len(table)} configurations evaluated ({meta['size']} in the space), {len(feasible)} feasible, "
             f"{near} within {args.tolerance:.0%} of the best; best feasible {args.metric} {best[args.metric]:.2f}x "
-            f"({best['ms_b1']:.4f} ms at batch 1, drop {best['acc_drop']:+.2f} pts, file {best['size_ratio']:.2f}x "
+            f"({best.get('ms_b1', best['onnx_latency_ms']):.4f} ms at batch 1, drop {best['acc_drop']:+.2f} pts, file {best['size_ratio']:.2f}x "
             f"smaller): `{best['proposal']}`. "
             f"Grid command: `{meta['command']}`.",
             "",

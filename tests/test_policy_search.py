@@ -222,3 +222,27 @@ def test_policy_search_with_the_ray_runner_records_every_evaluation(weights, tmp
     rows = _rows(out)
     done = rows[rows.status == "complete"]
     assert len(done) == 4 and done.policy.nunique() == 4
+
+
+def test_policy_search_on_a_search_run_prunes_the_training_form_and_exports(tmp_path):
+    """--run DIR on the large-kernel space: per-group ratios name layers of the training form
+    (pruned, then merged), int8 float layers name the merged form; the trials sit in the run's
+    store beside the architectures, and export takes one of them."""
+    from nas.config import SearchConfig
+    from nas.search import open_store, run_search
+
+    run_dir = tmp_path / "run"
+    run_search(SearchConfig(space="unireplk", dataset="digits", strategy="random", trials=2, epochs=1,
+                            out=str(run_dir)))
+    argv = ["compress", "--run", str(run_dir), "--top-k", "1", "--search", "random", "--budget", "2",
+            "--policy-space", "prune+int8", "--finetune-epochs", "1", "--objectives", "val_acc,onnx_latency_ms",
+            "--quiet"]
+    assert main(argv) == 0
+    df = open_store(run_dir).dataframe()
+    search, comp = df[df.stage == "search"], df[df.stage == "compress"]
+    assert len(search) == 2 and (comp.status == "complete").sum() == 2
+    assert comp.proposal.str.startswith("policy@1|").all()
+    number = int(comp[comp.status == "complete"].number.iloc[0])
+    assert main(["export", str(run_dir), "--trial", str(number), "--format", "onnx-int8",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "results"
 MODELS = ("searched", "cnn")
-STRATEGIES = ("grid", "random", "genetic", "tpe", "surrogate")
+STRATEGIES = ("grid", "random", "genetic", "tpe", "surrogate", "surrogate+transfer")
 CNN_SPEC = str(ROOT / "bench" / "resnet_cnn.py") + ":resnet_cnn"
 
 
@@ -124,6 +124,14 @@ def load_grid(model: str) -> tuple[Any, dict[str, dict[str, float]]]:
     return space, {r["proposal"]: r for r in table.to_dict("records")}
 
 
+def prior_from(model: str, metric: str, max_drop: float) -> list:
+    """Another model's grid as surrogate prior data, encoded by *its* policy space (its own
+    model features): [encoding, (-metric,), violation] per configuration."""
+    space, table = load_grid(model)
+    return [[space.encode(space.from_str(k)).tolist(), [-float(r[metric])], max(0.0, float(r["acc_drop"]) - max_drop)]
+            for k, r in table.items()]
+
+
 def replay(model: str, strategy: str, seed: int, max_drop: float, tolerance: float, metric: str) -> dict[str, float]:
     """One strategy run on a stored grid: evaluations until it first proposes a configuration
     within ``tolerance`` of the best feasible ``metric`` (higher is better), and the exact best."""
@@ -134,7 +142,9 @@ def replay(model: str, strategy: str, seed: int, max_drop: float, tolerance: flo
     best = max(r[metric] for r in table.values() if r["acc_drop"] <= max_drop)
     name = STRATEGY_ALIASES.get(strategy, strategy)
     # the same start as `nas-run compress --search surrogate --budget 20` (a quarter, >= 3)
-    opts = {"n_init": 5} if name == "surrogate" else {}
+    opts: dict[str, Any] = {"n_init": 5} if name == "surrogate" else {}
+    if strategy == "surrogate+transfer":  # the other model's whole grid as prior data, 2 random starts
+        name, opts = "surrogate", {"n_init": 2, "prior": prior_from(next(m for m in MODELS if m != model), metric, max_drop)}
     strat = make_strategy(name, space, n_objectives=1, seed=seed, **opts)
     first_tol = first_exact = None
     start = time.perf_counter()

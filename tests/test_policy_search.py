@@ -246,3 +246,34 @@ def test_policy_search_on_a_search_run_prunes_the_training_form_and_exports(tmp_
     assert main(["export", str(run_dir), "--trial", str(number), "--format", "onnx-int8",
                  "--out", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_surrogate_prior_from_another_search_finds_the_optimum_in_a_few_asks(digits):
+    """Transfer: the whole grid of another model (same decisions, its own model features) as
+    prior data; the surrogate then reaches the optimum of a loss it has seen the shape of in a
+    handful of evaluations, where 192 points would take random search ~96 on average."""
+    cnn = resnet_cnn(digits.num_classes, digits.input_shape[0]).eval()
+    other = resnet_cnn(digits.num_classes, digits.input_shape[0]).eval()
+    space = PolicySpace.for_model(cnn, cnn, digits, kind="int8", probes=False)
+    prior_space = PolicySpace.for_model(other, other, digits, kind="int8", probes=False)
+
+    def loss(g) -> float:
+        d = g.as_dict()
+        return (2.0 * (d["int8_format"] == "qdq") + 1.0 * (d["int8_granularity"] == "per_tensor")
+                + 0.5 * ["none", "first", "last", "both"].index(d["int8_float"])
+                + 0.25 * ["minmax", "entropy", "percentile-99.99", "percentile-99.999"].index(d["int8_calibration"])
+                + 0.1 * ["u8s8", "s8s8", "u8u8"].index(d["int8_scheme"]))
+
+    grid = make_strategy("grid", prior_space, seed=0)
+    points = [grid.ask() for _ in range(int(prior_space.size()))]
+    prior = [[prior_space.encode(g).tolist(), [loss(g)], 0.0] for g in points]
+    strat = make_strategy("surrogate", space, seed=1, n_init=1, prior=prior)
+    best = min(loss(g) for g in points)
+    found = []
+    for _ in range(8):
+        g = strat.ask()
+        strat.tell(g, (loss(g),), 0.0)
+        found.append(loss(g))
+        if found[-1] == best:
+            break
+    assert best in found, f"not found in 8 asks: {found}"

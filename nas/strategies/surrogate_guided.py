@@ -21,6 +21,12 @@ the probability-of-feasibility factor of constrained Bayesian optimisation (Gard
 2014), as a gate rather than a product since the acquisition is a lower bound, not an
 improvement. With ``stats_fn`` the shortlist is gated again with the model statistics, which
 predict running out of memory well.
+
+Transfer (``prior``): observations of *another* search — ``[[encoding, losses or None,
+violation], ...]`` with encodings of this space's width, e.g. a policy search of another model,
+whose `PolicySpace.encode` carries model features — join every fit, their losses min-max
+normalised on their own (another model's latencies have another scale), as Quantune reuses the
+XGBoost data of models tuned before. They never count as this run's evaluations.
 """
 
 from __future__ import annotations
@@ -56,8 +62,10 @@ class SurrogateGuided(Strategy):
         shortlist: int = 24,
         surrogate: dict[str, Any] | None = None,
         min_feasible: float = 0.5,
+        prior: list | None = None,
     ):
         super().__init__(space, n_objectives, seed)
+        self._prior = _prior_arrays(prior or [], space.encoding_size, n_objectives)
         if min(n_init, pool, n_parents, shortlist) < 1 or not 0 <= mutant_fraction <= 1 or kappa < 0:
             raise ValueError(
                 "need n_init, pool, n_parents, shortlist >= 1, 0 <= mutant_fraction <= 1 and "
@@ -141,7 +149,7 @@ class SurrogateGuided(Strategy):
             parents = [done[int(i)][0] for i in order[: self.n_parents]]
 
         cands, p_run = self._feasible(self._candidates(parents), with_stats=False)
-        if len(done) < 2:  # no loss model yet: the candidate most likely to run
+        if len(done) + int(self._prior[2].sum()) < 2:  # no loss model yet: the candidate most likely to run
             return cands[int(np.argmax(p_run))] if p_run is not None else cands[0]
         score = self._score(done, cands, norm, violation, weights, with_stats=False)
         if self.stats_fn is not None:
@@ -157,9 +165,12 @@ class SurrogateGuided(Strategy):
         the most likely ones) and their predicted chances; all of them, and None, while the
         history holds no failure (or nothing that ran) to learn from."""
         ran = np.array([y is not None for _, y, _ in self.history], dtype=np.float64)
+        X_train = np.stack([self.features(g, with_stats) for g, _, _ in self.history])
+        if not with_stats and len(self._prior[0]):
+            X_train = np.vstack([X_train, self._prior[0]])
+            ran = np.concatenate([ran, self._prior[2]])
         if ran.all() or not ran.any():
             return cands, None
-        X_train = np.stack([self.features(g, with_stats) for g, _, _ in self.history])
         X = np.stack([self.features(g, with_stats) for g in cands])
         p_run = np.clip(self._fit(X_train, ran).predict(X), 0.0, 1.0)
         keep = np.flatnonzero(p_run >= min(self.min_feasible, float(p_run.max())))
@@ -176,8 +187,14 @@ class SurrogateGuided(Strategy):
     ) -> np.ndarray:
         """Acquisition (lower is better): augmented Chebyshev of the predicted normalised losses
         minus ``kappa`` x the ensemble spread, plus a penalty where a violation is predicted."""
-        X_train = np.stack([self.features(g, with_stats) for g, _, _ in done])
+        X_train = np.stack([self.features(g, with_stats) for g, _, _ in done]) if done else (
+            np.zeros((0, len(self.features(cands[0], with_stats))), dtype=np.float32))
         X = np.stack([self.features(g, with_stats) for g in cands])
+        if not with_stats and len(self._prior[0]):  # another search's points, ran ones only
+            px, py, pran, pv = self._prior
+            X_train = np.vstack([X_train, px[pran > 0]])
+            norm = np.vstack([norm, py[pran > 0]])
+            violation = np.concatenate([violation, pv[pran > 0]])
         score = np.zeros(len(cands))
         spread = np.zeros(len(cands))
         cheb = np.full(len(cands), -np.inf)
@@ -193,5 +210,29 @@ class SurrogateGuided(Strategy):
             score += np.where(pred_violation > 1e-3, 1e6 + pred_violation, 0.0)
         return score
 
-    def _extra_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:  # the prior comes back from the options
         return {}  # the models are refitted from the history at each ask; nothing else to keep
+
+
+def _prior_arrays(prior: list, width: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X, normalised losses, ran 0/1, violation) of another search's observations."""
+    if not isinstance(prior, list | tuple):
+        raise ValueError(f"prior is a list of [encoding, losses or None, violation], got {type(prior).__name__}")
+    X = np.zeros((len(prior), width), dtype=np.float32)
+    y = np.zeros((len(prior), m))
+    ran = np.zeros(len(prior))
+    v = np.zeros(len(prior))
+    for i, item in enumerate(prior):
+        enc, losses, viol = item
+        enc = np.asarray(enc, dtype=np.float32).ravel()
+        if enc.shape != (width,):
+            raise ValueError(f"prior point {i} has {enc.size} features, this space encodes {width}")
+        X[i], v[i] = enc, float(viol)
+        if losses is not None:
+            if len(losses) != m:
+                raise ValueError(f"prior point {i} has {len(losses)} losses, expected {m}")
+            y[i], ran[i] = losses, 1.0
+    if ran.any():
+        lo, hi = y[ran > 0].min(0), y[ran > 0].max(0)
+        y = (y - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return X, y, ran, v

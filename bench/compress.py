@@ -52,27 +52,46 @@ from search_spaces import Genotype  # noqa: E402
 CNN_SPEC = "bench/resnet_cnn.py:resnet_cnn"
 LOAD_LIMIT = 1.5
 LONG_FT = 8  # epochs of the longer fine-tuning rows
-FT_LR = 3e-3  # the search's training lr; 1e-3 recovered 9-25 points less after pruning (earlier run)
+# the search's training lr, with the pass's one-cycle schedule. Measured on the two searched models
+# (structured 0.5 / 0.7, 3 epochs): a 1e-3 peak left 0.5-12 points more drop, 3e-4 3.6-37 more,
+# cosine from 3e-3 without warm-up 0-5 more; only the unpruned control lost less at lower lr
+FT_LR = 3e-3
 
 
 def policies(ft_epochs: int, lr: float = FT_LR) -> list[tuple[str, Policy]]:
     """(short label, policy): what the goals compare, plus a fine-tune-only control (the base
     models are trained only a few epochs, so extra epochs alone may move accuracy)."""
-    kd = ("finetune", {"epochs": ft_epochs, "kd": True, "lr": lr})
-    plain = ("finetune", {"epochs": ft_epochs, "kd": False, "lr": lr})
+
+    def ft(kd: bool, epochs: int = ft_epochs, **extra: Any) -> tuple[str, dict[str, Any]]:
+        return ("finetune", {"epochs": epochs, "kd": kd, "lr": lr, **extra})
+
+    def pruned(ratio: float, *after: tuple[str, dict[str, Any]]) -> Policy:
+        return Policy.of(("structured", {"ratio": ratio, "importance": "l1"}), *after)
+
+    kd, plain = ft(True), ft(False)
+    # the gentler recipes tried against the default one-cycle (warm-up to lr, then cosine down):
+    # cosine from the peak with no warm-up (one SGDR cycle), and a 10x lower peak
+    kd_cosine = ft(True, schedule="cosine")
+    plain_gentle = ft(False, lr=lr / 10, schedule="cosine")
     qop = ("int8", {"format": "qoperator", "per_channel": True, "calibration": "minmax"})
     qdq = ("int8", {"format": "qdq", "per_channel": True, "calibration": "minmax"})
+    # the int8 pass before float_ops / compact existed: every op quantized, ORT's file as written
+    qop_all = ("int8", {"format": "qoperator", "per_channel": True, "calibration": "minmax", "float_ops": [], "compact": False})
     return [
         ("finetune only (control)", Policy.of(plain)),
-        ("structured 0.5 + KD ft", Policy.of(("structured", {"ratio": 0.5, "importance": "l1"}), kd)),
-        ("structured 0.5 + plain ft", Policy.of(("structured", {"ratio": 0.5, "importance": "l1"}), plain)),
-        ("structured 0.7 + KD ft", Policy.of(("structured", {"ratio": 0.7, "importance": "l1"}), kd)),
-        ("structured 0.7 + plain ft", Policy.of(("structured", {"ratio": 0.7, "importance": "l1"}), plain)),
-        # the same comparison with a longer fine-tuning: distillation needs epochs to pay off
-        ("structured 0.7 + KD ft 8 ep", Policy.of(("structured", {"ratio": 0.7, "importance": "l1"}),
-                                                   ("finetune", {"epochs": LONG_FT, "kd": True, "lr": lr}))),
-        ("structured 0.7 + plain ft 8 ep", Policy.of(("structured", {"ratio": 0.7, "importance": "l1"}),
-                                                      ("finetune", {"epochs": LONG_FT, "kd": False, "lr": lr}))),
+        ("finetune only, cosine lr/10 (control)", Policy.of(plain_gentle)),
+        # a milder ratio: fewer channels lost, but is it still >= 2x faster?
+        ("structured 0.4 + KD ft", pruned(0.4, kd)),
+        ("structured 0.5 + KD ft", pruned(0.5, kd)),
+        ("structured 0.5 + plain ft", pruned(0.5, plain)),
+        ("structured 0.5 + KD ft cosine", pruned(0.5, kd_cosine)),
+        ("structured 0.7 + KD ft", pruned(0.7, kd)),
+        ("structured 0.7 + plain ft", pruned(0.7, plain)),
+        # the same comparisons with a longer fine-tuning: recovery (and distillation) need epochs
+        ("structured 0.5 + KD ft 8 ep", pruned(0.5, ft(True, LONG_FT))),
+        ("structured 0.5 + plain ft 8 ep", pruned(0.5, ft(False, LONG_FT))),
+        ("structured 0.7 + KD ft 8 ep", pruned(0.7, ft(True, LONG_FT))),
+        ("structured 0.7 + plain ft 8 ep", pruned(0.7, ft(False, LONG_FT))),
         ("lowrank 0.5 optimal + ft", Policy.of(("lowrank", {"target": 0.5, "allocation": "optimal"}), plain)),
         ("lowrank 0.5 uniform + ft", Policy.of(("lowrank", {"target": 0.5, "allocation": "uniform"}), plain)),
         ("unstructured 0.8 + ft", Policy.of(("unstructured", {"sparsity": 0.8, "scope": "global"}), plain)),
@@ -80,8 +99,15 @@ def policies(ft_epochs: int, lr: float = FT_LR) -> list[tuple[str, Policy]]:
         ("unstructured 0.8 per-layer + ft", Policy.of(("unstructured", {"sparsity": 0.8, "scope": "layer"}), plain)),
         ("int8 QOperator per-ch", Policy.of(qop)),
         ("int8 QDQ per-ch", Policy.of(qdq)),
-        ("structured 0.5 + KD ft + int8 QOp", Policy.of(("structured", {"ratio": 0.5, "importance": "l1"}), kd, qop)),
+        ("int8 QOp all ops int8, uncompacted", Policy.of(qop_all)),
+        ("structured 0.5 + KD ft + int8 QOp", pruned(0.5, kd, qop)),
     ]
+
+
+def current(policy_text: str, labels: dict[str, str]) -> bool:
+    """Whether a stored trial's policy text is one of ``labels``' policies, exactly as written today."""
+    pol = Policy.from_json(policy_text)
+    return pol.id in labels and pol.to_str() == policy_text
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -171,8 +197,11 @@ class Group:
     replay_acc: dict[str, float] = field(default_factory=dict)
 
 
-def rebuild_group(name: str, ev: CompressionEvaluator, genotype: Genotype, art_root: Path) -> Group:
-    """The base model as the trials saw it, and every artefact rebuilt from its folder alone."""
+def rebuild_group(
+    name: str, ev: CompressionEvaluator, genotype: Genotype, art_root: Path, wanted: set[str] | None = None
+) -> Group:
+    """The base model as the trials saw it, and every artefact (of the ``wanted`` policy ids, or
+    all) rebuilt from its folder alone."""
     from safetensors.torch import load_file
 
     from compress.passes.int8 import export_float_onnx, onnx_accuracy
@@ -187,6 +216,10 @@ def rebuild_group(name: str, ev: CompressionEvaluator, genotype: Genotype, art_r
             continue
         meta = json.loads((folder / "policy.json").read_text())
         pol = Policy.from_json(meta["policy"])
+        if wanted is not None and pol.id not in wanted:
+            continue
+        if folder.name != f"{genotype.id}+{pol.id}":
+            continue  # made under an older text of the policy (see `current`); its trial is not reported
         applied = Policy.from_json(meta.get("applied", meta["policy"]))  # with the merge pass, if any
         if (folder / "model.onnx").is_file():
             blob = (folder / "model.onnx").read_bytes()
@@ -242,6 +275,8 @@ def time_group(g: Group, rounds: int, seed: int = 0) -> dict[str, dict[str, floa
 
 # -- the report ---------------------------------------------------------------------------------------
 def rows_for(g: Group, table: Any, timing: dict[str, dict[str, float]], labels: dict[str, str]) -> list[dict]:
+    from compress.passes.int8 import compact_onnx
+
     rows = []
     sub = table[table["genotype_id"] == g.genotype.id]
     for _, r in sub.iterrows():
@@ -267,6 +302,9 @@ def rows_for(g: Group, table: Any, timing: dict[str, dict[str, float]], labels: 
             "zip_bytes": float(r["zip_bytes"]),
             "base_file_bytes": float(r["base_file_bytes"]),
             "base_zip_bytes": float(len(zlib.compress(g.base_bytes, 9))),
+            # the float file with the int8 pass's compaction (short tensor names, no value_info):
+            # what the int8 file's size ratio would be if the float file were written the same way
+            "base_compact_bytes": float(len(compact_onnx(g.base_bytes))),
             "size_ratio": float(r["size_ratio"]),
             "trial_speedup_b1": float(r["speedup"]),
             **t,
@@ -292,6 +330,12 @@ def markdown_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def within(value: float, limit: float) -> bool:
+    """``value <= limit`` for a drop in points: a drop of k samples out of n is 100 k / n computed
+    from two accuracies, which lands a few ulps off (8 of 800 samples gives 1.0000000000000009)."""
+    return value <= limit + 1e-9
+
+
 def goals(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if r["status"] == "complete"]
     models = list(dict.fromkeys(r["model"] for r in ok))
@@ -307,11 +351,12 @@ def goals(rows: list[dict]) -> list[str]:
     lines, flags = [], []
     for m in models:
         best = None
-        for label in ("structured 0.5 + KD ft", "structured 0.5 + plain ft", "structured 0.7 + KD ft"):
+        for label in ("structured 0.4 + KD ft", "structured 0.5 + KD ft", "structured 0.5 + plain ft",
+                      "structured 0.5 + KD ft 8 ep", "structured 0.5 + plain ft 8 ep", "structured 0.7 + KD ft"):  # fmt: skip
             r = get(m, label)
             if r is None:
                 continue
-            good = r["acc_drop"] <= 1.0 and r["speedup_b1"] >= 2.0 and r["speedup_b32"] >= 2.0
+            good = within(r["acc_drop"], 1.0) and r["speedup_b1"] >= 2.0 and r["speedup_b32"] >= 2.0
             lines.append(f"  - {m}, {label}: drop {r['acc_drop']:+.2f} pts, speed-up {r['speedup_b1']:.2f}x (b1) / "
                          f"{r['speedup_b32']:.2f}x (b32) -> {'yes' if good else 'no'}")  # fmt: skip
             best = bool(best) or good
@@ -324,14 +369,17 @@ def goals(rows: list[dict]) -> list[str]:
         r = get(m, "int8 QOperator per-ch")
         if r is None:
             continue
-        good = r["acc_drop"] <= 0.5 and r["speedup_b1"] >= 1.8 and r["speedup_b32"] >= 1.8 and r["size_ratio"] >= 3.5
+        good = (within(r["acc_drop"], 0.5) and r["speedup_b1"] >= 1.8 and r["speedup_b32"] >= 1.8
+                and r["size_ratio"] >= 3.5)  # fmt: skip
         flags.append(good)
         lines.append(f"  - {m}: drop {r['acc_drop']:+.2f} pts, speed-up {r['speedup_b1']:.2f}x (b1) / {r['speedup_b32']:.2f}x "
-                     f"(b32), file {r['size_ratio']:.2f}x smaller -> {'yes' if good else 'no'}")  # fmt: skip
-        q = get(m, "int8 QDQ per-ch")
-        if q is not None:
-            lines.append(f"    (QDQ for contrast: drop {q['acc_drop']:+.2f}, {q['speedup_b1']:.2f}x / {q['speedup_b32']:.2f}x, "
-                         f"file {q['size_ratio']:.2f}x)")  # fmt: skip
+                     f"(b32), file {r['size_ratio']:.2f}x smaller -> {'yes' if good else 'no'} (against the float file "
+                     f"compacted the same way: {r['base_compact_bytes'] / r['file_bytes']:.2f}x)")  # fmt: skip
+        for label, what in (("int8 QDQ per-ch", "QDQ"), ("int8 QOp all ops int8, uncompacted", "before: GELUs quantized, file uncompacted")):
+            q = get(m, label)
+            if q is not None:
+                lines.append(f"    ({what}: drop {q['acc_drop']:+.2f}, {q['speedup_b1']:.2f}x / {q['speedup_b32']:.2f}x, "
+                             f"file {q['size_ratio']:.2f}x)")  # fmt: skip
     out += [f"- int8 (QOperator, per-channel) <= 0.5 pt drop, >= 1.8x ORT speed-up, >= 3.5x smaller file: {verdict(flags)}", *lines]
     # 3. lowrank optimal vs uniform at the same parameter budget and fine-tuning
     lines, flags = [], []
@@ -350,7 +398,7 @@ def goals(rows: list[dict]) -> list[str]:
     lines, flags = [], []
     for m in models:
         # 0.7 is the goal's "aggressive" (3 and 8 epochs of fine-tuning); 0.5 for contrast
-        for ratio, suffix in (("0.7", ""), ("0.7", " 8 ep"), ("0.5", "")):
+        for ratio, suffix in (("0.7", ""), ("0.7", " 8 ep"), ("0.5", ""), ("0.5", " 8 ep")):
             k, p = get(m, f"structured {ratio} + KD ft{suffix}"), get(m, f"structured {ratio} + plain ft{suffix}")
             if k is None or p is None:
                 continue
@@ -361,6 +409,18 @@ def goals(rows: list[dict]) -> list[str]:
                          f"vs plain val {p['val_acc']:.4f} / test {p['test_acc']:.4f} -> {'yes' if good else 'no'}")  # fmt: skip
     out += [f"- KD fine-tuning beats plain fine-tuning after structured pruning at ratio 0.7 (3 and 8 epochs): "
             f"{verdict(flags)}", *lines]
+    # the fine-tuning recipe: the default one-cycle against gentler schedules
+    lines = []
+    for m in models:
+        for label, gentle in (("finetune only (control)", "finetune only, cosine lr/10 (control)"),
+                              ("structured 0.5 + KD ft", "structured 0.5 + KD ft cosine")):  # fmt: skip
+            a, b = get(m, label), get(m, gentle)
+            if a is None or b is None:
+                continue
+            lines.append(f"  - {m}: {label} drop {a['acc_drop']:+.2f} pts (test {a['test_acc']:.4f}); {gentle} drop "
+                         f"{b['acc_drop']:+.2f} pts (test {b['test_acc']:.4f})")  # fmt: skip
+    out += ["- Fine-tuning recipe (one-cycle to lr 3e-3, the default, against cosine without warm-up and a 10x lower "
+            "peak):", *lines]
     # where a pass did not help
     lines = []
     for r in ok:
@@ -431,6 +491,7 @@ def main() -> None:
     work = Path(args.work or f"/tmp/bench-compress-{time.strftime('%Y%m%d-%H%M%S')}")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    started = datetime.datetime.now()
     log: dict[str, float] = {}
     labelled = policies(args.ft_epochs)
     pols = [p for _, p in labelled]
@@ -445,6 +506,13 @@ def main() -> None:
     crun = timed("compress searched models", lambda: compress_search_run(run_dir, args.top_k, pols), log)
     table_s = crun.table()
     table_s = table_s.drop_duplicates(["genotype_id", "policy"], keep="last")
+    # a reused run may hold trials of earlier policy lists, and of this list's policies written
+    # before a pass gained a setting (parsed today, such a text gets today's defaults and so
+    # today's id, though it ran without that setting): keep the trials of this list as written now
+    table_s = table_s[[current(t, labels) for t in table_s["policy"]]]
+    import pandas as pd
+
+    earlier = int((pd.to_datetime(table_s["datetime_start"]) < started).sum())
 
     # 2. the CNN
     weights = work / "resnet_cnn.safetensors"
@@ -461,10 +529,11 @@ def main() -> None:
         groups = []
         for i, gid in enumerate(dict.fromkeys(table_s["genotype_id"])):
             g = Genotype.from_str(table_s[table_s["genotype_id"] == gid]["genotype"].iloc[0])
-            groups.append(rebuild_group(f"searched #{i + 1}", crun.evaluator, g, run_dir / "compressed"))
+            groups.append(rebuild_group(f"searched #{i + 1}", crun.evaluator, g, run_dir / "compressed", set(labels)))
         ev = CompressionEvaluator(dataset="mnist5k", artefacts_dir=str(cnn_dir / "compressed"), standardize=False,
                                   model_spec=CNN_SPEC, model_weights=str(weights))  # fmt: skip
-        groups.append(rebuild_group("ResNet CNN", ev, Genotype.from_str(table_c["genotype"].iloc[0]), cnn_dir / "compressed"))
+        groups.append(rebuild_group("ResNet CNN", ev, Genotype.from_str(table_c["genotype"].iloc[0]), cnn_dir / "compressed",
+                                    set(labels)))  # fmt: skip
         return groups
 
     groups = timed("rebuild artefacts", rebuild, log)
@@ -496,6 +565,10 @@ def main() -> None:
         f"(2 shared cores; other engineers ran tests meanwhile). Total bench runtime {total / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f}s' for k, v in log.items())}).",
         "",
+        *([f"The search run was reused ({args.reuse_search}); {earlier} of the {len(table_s)} searched-model "
+           "compression trials reported here were already in it, from an earlier invocation (the controller does "
+           "not repeat a (genotype, policy) pair a run holds), and were only rebuilt and re-timed here.", ""]
+          if args.reuse_search else []),
         "What ran:",
         f"- `nas.search.run_search`: unireplk full size, mnist1d (standardised), {args.trials} trials x {args.epochs} "
         f"epochs, objectives val_acc + params, constraint `params>=100e3`; then `compress.run.run_compress` "
@@ -504,7 +577,13 @@ def main() -> None:
         f"- ResNet-style CNN (`bench/resnet_cnn.py`), trained here {args.cnn_epochs} epochs on mnist5k as stored "
         f"([0, 1], not standardised), val acc {acc:.4f}; compressed with `{shlex.join(cnn_cmd[:10])} --policy ...` "
         f"({len(pols)} policy files).",
-        f"- Every policy's fine-tuning: {args.ft_epochs} epochs (AdamW, lr {FT_LR:g}; KD: T=4, alpha=0.5).",
+        f"- Every policy's fine-tuning: {args.ft_epochs} epochs unless the label says 8 ep (AdamW, one-cycle schedule: "
+        f"15% warm-up to lr {FT_LR:g}, then cosine down; 'cosine': from lr {FT_LR:g} down with no warm-up; 'cosine lr/10': "
+        f"the same from {FT_LR / 10:g}; KD: T=4, alpha=0.5).",
+        "- int8: static, calibrated on 256 training samples (MinMax), U8 activations / S8 per-channel weights, with the "
+        "pass's defaults: every GELU kept in float as one fused Gelu node (ORT has no integer GELU) and the file "
+        "compacted (no value_info, shared constants, short tensor names); 'all ops int8, uncompacted' is the pass "
+        "without those two (how it was before).",
         "- Accuracy: validation split, in ONNX Runtime, as the trial measured it (the rebuilt artefact "
         + ("reproduced it exactly for every row)." if not mismatches else
            f"did NOT reproduce it for {len(mismatches)} row(s): {[(r['model'], r['policy']) for r in mismatches]})."),

@@ -165,10 +165,14 @@ def builtin_policies(finetune_epochs: int = 4, lr: float = 3e-3) -> list[Policy]
     """What `nas-run compress` tries when no policy is given: one of each kind, and a chain.
 
     Fine-tuning after structural changes distils from the uncompressed model (soft targets
-    recover more than labels alone after pruning). int8 uses the settings that were fastest in
-    ONNX Runtime on this CPU (QOperator, per-channel; QDQ gives no speed-up here, BENCHMARKS.md).
-    The ratios are moderate: the default search's models have 1-10k parameters and 8-16
-    channels per layer, where every channel counts (results/compress.md).
+    recover more than labels alone after pruning). It keeps the finetune pass's one-cycle
+    schedule (warm-up to ``lr``, then cosine down): on the searched large-kernel models, cosine
+    from the peak without warm-up and 3-10x lower peaks recovered less after pruning
+    (results/compress.md); more epochs are what helps most. int8 uses the settings that were
+    fastest in ONNX Runtime on this CPU (QOperator, per-channel; QDQ gives no speed-up here,
+    BENCHMARKS.md) and the pass's defaults for the rest: GELUs stay float as one fused node,
+    the file is compacted. The ratios are moderate: the default search's models have 1-10k
+    parameters and 8-16 channels per layer, where every channel counts (results/compress.md).
     """
     ft = ("finetune", {"epochs": finetune_epochs, "lr": lr, "kd": True})
     plain_ft = ("finetune", {"epochs": finetune_epochs, "lr": lr})

@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.errors import PolicyError
 from compress.passes.base import PassContext, get_pass
-from compress.passes.finetune import evaluate_accuracy, state_dict_sha1, train, zero_masks
+from compress.passes.finetune import _scheduler, evaluate_accuracy, state_dict_sha1, train, zero_masks
 from compress.policy import Policy
 from nas.data import load_dataset
 
@@ -242,6 +242,7 @@ def test_zero_epochs_is_the_identity(ctx) -> None:
         ({"temperature": 0}, "temperature must be a number > 0"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"kd": "yes"}, "kd must be true or false"),
+        ({"schedule": "linear"}, "schedule must be one of"),
     ],
 )
 def test_bad_settings(settings, message) -> None:
@@ -268,3 +269,38 @@ def test_torchscript_model_fine_tunes_and_keeps_its_zeros(ctx) -> None:
     assert state_dict_sha1(scripted) != before
     for k, z in zeros.items():
         assert (params[k].detach()[z] == 0).all(), k
+
+
+# -- learning-rate schedules -------------------------------------------------------------------------
+def _lrs(schedule: str, lr: float = 1e-2, steps: int = 20) -> list[float]:
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = _scheduler(opt, schedule, lr, steps)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_shape_the_learning_rate() -> None:
+    one, cos, const = _lrs("onecycle"), _lrs("cosine"), _lrs("constant")
+    # one-cycle warms up from lr / 25 to the peak, then decays
+    assert one[0] == pytest.approx(1e-2 / 25) and max(one) == pytest.approx(1e-2, rel=0.05)
+    assert one.index(max(one)) in (2, 3) and one[-1] < 1e-3
+    # cosine starts at the peak (no warm-up) and only goes down, towards 0
+    assert cos[0] == pytest.approx(1e-2) and all(b <= a for a, b in zip(cos, cos[1:], strict=False))
+    assert cos[-1] < 1e-4
+    assert const == pytest.approx([1e-2] * 20)
+
+
+def test_schedule_reaches_the_weights_and_onecycle_is_the_default(ctx) -> None:
+    default, one, cos = small_cnn(), small_cnn(), small_cnn()
+    train(default, ctx, epochs=1, lr=3e-3)
+    train(one, ctx, epochs=1, lr=3e-3, schedule="onecycle")
+    train(cos, ctx, epochs=1, lr=3e-3, schedule="cosine")
+    assert state_dict_sha1(default) == state_dict_sha1(one) != state_dict_sha1(cos)
+    # the pass passes it on, and a policy from before the setting existed means one-cycle
+    a = Policy.of(("finetune", {"epochs": 1, "lr": 3e-3, "schedule": "cosine"})).apply(small_cnn(), ctx)
+    assert a.records[0]["weights_sha1"] == state_dict_sha1(cos)
+    assert get_pass("finetune").defaults["schedule"] == "onecycle"

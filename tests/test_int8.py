@@ -241,3 +241,92 @@ def test_conv1d_models_quantize(trained):
         ref = model(torch.from_numpy(seq.x_val)).numpy()
     assert "QLinearConv" in _ops(q)
     assert _rel_error(onnx_logits(q, seq.x_val), ref) <= 0.1
+
+
+# -- mixed precision by op kind, compaction, records from before those settings ---------------------
+class GeluNet(nn.Module):
+    """A depthwise-separable block with an exact (erf) GELU, as in the large-kernel space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(1, 16, 1)
+        self.act = nn.GELU()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.dw(self.act(self.expand(x))), 1))
+
+
+@pytest.fixture(scope="module")
+def gelu_trained(trained) -> tuple[nn.Module, PassContext, np.ndarray]:
+    _, ctx, _ = trained
+    torch.manual_seed(0)
+    model = train_briefly(GeluNet(), ctx)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ctx.data.x_val)).numpy()
+    return model, ctx, ref
+
+
+@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
+def test_gelu_stays_one_float_node(gelu_trained, fmt):
+    model, ctx, ref = gelu_trained
+    q, record = INT8.apply(copy.deepcopy(model), {**INT8.defaults, "format": fmt}, ctx)
+    graph = _graph(q)
+    gelus = [n for n in graph.node if n.op_type == "Gelu"]
+    assert len(gelus) == 1 and gelus[0].domain == "com.microsoft" and gelus[0].name == "/act/Gelu"
+    assert "Erf" not in _ops(q) and "act" in onnx_node_layers(gelus[0].name)
+    # calibrated as one op: no ranges for the GELU's inner tensors (its output keeps the last Mul's name)
+    inner = {f"/act/{op}_output_0" for op in ("Div", "Erf", "Add", "Mul")}
+    assert not inner & set(record["ranges"]) and "/act/Mul_1_output_0" in record["ranges"]
+    assert _rel_error(onnx_logits(q, ctx.data.x_val), ref) <= 0.1
+    # without it the GELU's five nodes are quantized one by one (QOperator: QLinearAdd / QLinearMul)
+    legacy, _ = INT8.apply(copy.deepcopy(model), {**INT8.defaults, "format": fmt, "float_ops": []}, ctx)
+    assert "Erf" in _ops(legacy) and "Gelu" not in _ops(legacy)
+    if fmt == "qoperator":
+        assert {"QLinearAdd", "QLinearMul"} <= _ops(legacy)
+
+
+def test_depthwise_float_ops_keep_grouped_convs_float(gelu_trained):
+    model, ctx, ref = gelu_trained
+    q, record = INT8.apply(copy.deepcopy(model), {**INT8.defaults, "float_ops": ["gelu", "depthwise"]}, ctx)
+    assert record["excluded_nodes"] == ["/dw/Conv"]
+    convs = [n for n in _graph(q).node if n.op_type == "Conv"]
+    assert [n.name for n in convs] == ["/dw/Conv"] and "QLinearConv" in _ops(q)  # the 1x1 conv is int8
+    assert _rel_error(onnx_logits(q, ctx.data.x_val), ref) <= 0.1
+
+
+def test_compact_drops_what_ort_does_not_read_and_computes_the_same(gelu_trained):
+    model, ctx, _ = gelu_trained
+    x = ctx.data.x_val
+    full, _ = INT8.apply(copy.deepcopy(model), {**INT8.defaults, "compact": False}, ctx)
+    small, _ = INT8.apply(copy.deepcopy(model), INT8.defaults, ctx)
+    assert len(small.model_bytes) < 0.9 * len(full.model_bytes)
+    np.testing.assert_array_equal(onnx_logits(small, x), onnx_logits(full, x))  # the same arithmetic
+    g, f = _graph(small), _graph(full)
+    assert len(f.value_info) > 0 and len(g.value_info) == 0
+    assert [n.name for n in g.node] == [n.name for n in f.node]  # node names (module paths) stay
+    assert [i.name for i in g.input] == ["input"] and [o.name for o in g.output] == ["output"]
+    names = [t.name for t in g.initializer]
+    assert all(n.startswith("t") and n[1:].isdigit() for n in names) and len(set(names)) == len(names)
+    # one initializer per distinct constant
+    keys = [(t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in g.initializer]
+    assert len(set(keys)) == len(keys) < len(f.initializer)
+
+
+def test_a_record_from_before_float_ops_and_compact_replays_as_it_was_made(gelu_trained):
+    model, ctx, _ = gelu_trained
+    old_settings = {k: v for k, v in INT8.defaults.items() if k not in ("float_ops", "compact")}
+    q, record = INT8.apply(copy.deepcopy(model), {**old_settings, "float_ops": [], "compact": False}, ctx)
+    record = json.loads(json.dumps(record))
+    record["settings"] = {k: v for k, v in record["settings"].items() if k not in ("float_ops", "compact")}
+    ctx = PassContext(ctx.data, seed=0)
+    assert INT8.replay(copy.deepcopy(model), record, ctx).model_bytes == q.model_bytes
+    assert not ctx.notes  # its sha1 matched
+
+
+def test_bad_float_ops_is_a_policy_error():
+    with pytest.raises(PolicyError, match="float_ops"):
+        Policy.of(("int8", {"float_ops": ["softmax"]}))
+    with pytest.raises(PolicyError, match="compact"):
+        Policy.of(("int8", {"compact": "yes"}))

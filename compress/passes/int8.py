@@ -12,7 +12,26 @@ configuration. They map onto ORT's arguments as follows:
 | scheme | ``activation_type`` (u8), ``weight_type`` (s8), ``symmetric_activations`` (false), ``symmetric_weights`` (true), ``format`` (qoperator), ``reduce_range`` (false) | ``activation_type``, ``weight_type``, ``extra_options`` ActivationSymmetric / WeightSymmetric, ``quant_format``, ``reduce_range`` |
 | clipping | the calibration method; ``percentile`` (99.999) for percentile; ``calib_moving_average`` (false) for minmax | calibrator options percentile / moving_average (quantize_static's CalibPercentile / CalibMovingAverage) |
 | granularity | ``per_channel`` (true) | ``per_channel`` |
-| mixed precision | ``float_layers`` ([]): torch layer names kept in float | ``nodes_to_exclude`` |
+| mixed precision | ``float_layers`` ([]): torch layer names kept in float; ``float_ops`` (["gelu"]): kinds of op kept in float | ``nodes_to_exclude`` |
+
+``float_ops`` is mixed precision by kind of op, measured per op type in ONNX Runtime on the
+large-kernel space's models (results/compress.md): ``gelu`` rewrites each exact (erf) GELU, which
+the exporter spells as five nodes (Div, Erf, Add, Mul, Mul), into one ``com.microsoft.Gelu`` node
+before calibration. ORT has no integer GELU: quantized, the five nodes became two float ones
+(Div, Erf) plus QLinearAdd / QLinearMul with a Quantize/Dequantize pair in between, which cost
+more at batch 1 than the float model's one fused Gelu kernel; kept whole and float it is one
+Dequantize, one Gelu, one Quantize. ``depthwise`` keeps grouped convolutions in float; on these
+models it made the int8 model slower (ORT's int8 depthwise kernel is the faster one), so it is
+offered, not the default.
+
+``compact`` (true) rewrites the quantized file without what ORT does not read: the value_info
+that shape inference left (ORT infers shapes again at load), identical initializers (the
+quantizer writes one scale / zero-point tensor per use: equal ones become one), and the long
+tensor names the quantizer derives from the exporter's (``/stages/stages.0/.../Conv_output_0_zero_point``,
+each written once per use): tensors are renamed ``t0``, ``t1``, ... in graph order. Node names,
+which carry the torch module path (`onnx_node_layers`), and the graph's input/output names stay.
+On the searched 320k- and 890k-parameter models this is 6-14% of the int8 file; on the float export the same renaming
+would save ~1%. ``compact = false`` keeps ORT's file as it comes.
 
 ORT's Distribution calibration is for float8 and gives ~0.8 relative error on int8 (BENCHMARKS.md),
 so it is not offered. Entropy uses a 512-bin histogram (see `_calibrate` for why not ORT's default).
@@ -22,7 +41,9 @@ ranges (ONNX tensor name -> [min, max], float32 values that JSON carries exactly
 nodes kept in float. `apply` and `replay` both hand those ranges to `quantize_static` as an ORT
 calibration cache (``calibration_cache_path``, loaded instead of running calibration) through the
 same function, so replay on a fresh copy of the model yields the same bytes (the record's
-``sha1`` checks it; a mismatch, e.g. under another ORT version, becomes a note).
+``sha1`` checks it; a mismatch, e.g. under another ORT version, becomes a note). A record made
+before ``float_ops`` and ``compact`` existed lacks them and is replayed as it was made (no GELU
+rewrite, no compaction: `LEGACY_SETTINGS`).
 
 Record: ``{"settings": {...all settings...}, "ranges": {tensor: [min, max]}, "excluded_nodes":
 [onnx node names], "calib_samples": n, "sha1": hex of the quantized model}``.
@@ -46,14 +67,19 @@ from .base import PassContext, QuantizedOnnx, check_settings, register_pass, res
 
 if TYPE_CHECKING:
     import numpy as np
+    import onnx
     import torch
 
-__all__ = ["INT8", "export_float_onnx", "onnx_accuracy", "onnx_latency_ms", "onnx_logits", "onnx_node_layers"]
+__all__ = ["INT8", "compact_onnx", "export_float_onnx", "fuse_gelu", "onnx_accuracy", "onnx_latency_ms", "onnx_logits", "onnx_node_layers"]
 
 OPSET = 17  # as nas.cost.export_onnx; ORT's quantizer keeps opsets >= 13 as they are
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 TYPES = ("u8", "s8")
 FORMATS = ("qoperator", "qdq")
+FLOAT_OPS = ("gelu", "depthwise")  # kinds of op `float_ops` can keep in float
+# what a record made before a setting existed meant: replayed with these, it gives its own bytes
+LEGACY_SETTINGS: Mapping[str, Any] = {"float_ops": [], "compact": False}
+MS_DOMAIN = "com.microsoft"  # ORT's contrib ops (QLinearAdd, QGemm, ... and Gelu)
 ENTROPY_BINS = 512
 CALIB_BATCH = 64  # samples per calibration batch: ORT's histogram calibrators update per batch
 
@@ -83,6 +109,8 @@ class Int8Pass:
         "reduce_range": False,
         "per_channel": True,
         "float_layers": [],
+        "float_ops": ["gelu"],
+        "compact": True,
     }
 
     def validate(self, settings: Mapping[str, Any]) -> None:
@@ -91,7 +119,7 @@ class Int8Pass:
         _choice(s, "activation_type", TYPES)
         _choice(s, "weight_type", TYPES)
         _choice(s, "format", FORMATS)
-        for key in ("calib_moving_average", "symmetric_activations", "symmetric_weights", "reduce_range", "per_channel"):
+        for key in ("calib_moving_average", "symmetric_activations", "symmetric_weights", "reduce_range", "per_channel", "compact"):
             if not isinstance(s[key], bool):
                 raise PolicyError(f"int8: {key} must be true or false, got {s[key]!r}")
         p = s["percentile"]
@@ -103,6 +131,9 @@ class Int8Pass:
         layers = s["float_layers"]
         if not isinstance(layers, list | tuple) or not all(isinstance(x, str) for x in layers):
             raise PolicyError(f"int8: float_layers must be a list of layer names, got {layers!r}")
+        ops = s["float_ops"]
+        if not isinstance(ops, list | tuple) or not all(isinstance(x, str) and x in FLOAT_OPS for x in ops):
+            raise PolicyError(f"int8: float_ops must be a list of {list(FLOAT_OPS)}, got {ops!r}")
         # what ORT itself refuses (quantize.check_static_quant_arguments), caught before any work
         if s["activation_type"] == "s8" and s["weight_type"] == "u8":
             raise PolicyError(
@@ -118,8 +149,8 @@ class Int8Pass:
         s = check_settings(self.name, settings, self.defaults)
         self.validate(s)
         float_layers = resolve_layers(model, s["float_layers"], "int8 float_layers")
-        float_bytes = _prepared_onnx(model, ctx.input_shape)
-        excluded = _excluded_nodes(float_bytes, float_layers, ctx)
+        float_bytes = _prepared_onnx(model, ctx.input_shape, s["float_ops"])
+        excluded = _excluded_nodes(float_bytes, float_layers, ctx, s["float_ops"])
         x, _ = ctx.calibration()
         x = x[: s["calib_size"]]
         ranges = _calibrate(float_bytes, s, x)
@@ -134,9 +165,9 @@ class Int8Pass:
         return QuantizedOnnx(model_bytes=q, input_name="input", float_layers=tuple(float_layers)), record
 
     def replay(self, model: torch.nn.Module, record: Mapping[str, Any], ctx: PassContext) -> QuantizedOnnx:
-        s = check_settings(self.name, record["settings"], self.defaults)
+        s = check_settings(self.name, {**LEGACY_SETTINGS, **record["settings"]}, self.defaults)
         float_layers = resolve_layers(model, s["float_layers"], "int8 float_layers")
-        float_bytes = _prepared_onnx(model, ctx.input_shape)
+        float_bytes = _prepared_onnx(model, ctx.input_shape, s["float_ops"])
         import onnx
 
         graph = onnx.load_from_string(float_bytes).graph
@@ -196,10 +227,11 @@ def export_float_onnx(model: torch.nn.Module, input_shape: Sequence[int]) -> byt
     return out.getvalue()
 
 
-def _prepared_onnx(model: torch.nn.Module, input_shape: Sequence[int]) -> bytes:
+def _prepared_onnx(model: torch.nn.Module, input_shape: Sequence[int], float_ops: Sequence[str] = ()) -> bytes:
     """Export, then ORT's quantization pre-processing (symbolic shape inference, basic graph
     optimisation, fusions), which ORT recommends before `quantize_static` and which marks the
-    model as pre-processed."""
+    model as pre-processed; then, with ``"gelu"`` in ``float_ops``, every erf GELU as one
+    ``com.microsoft.Gelu`` node (`fuse_gelu`), before calibration sees the graph."""
     import onnx
     from onnxruntime.quantization import quant_pre_process
 
@@ -207,7 +239,160 @@ def _prepared_onnx(model: torch.nn.Module, input_shape: Sequence[int]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="nas-int8-") as tmp, _quiet():
         out = Path(tmp) / "pre.onnx"
         quant_pre_process(onnx.load_from_string(raw), out)
-        return out.read_bytes()
+        prepared = out.read_bytes()
+    if "gelu" not in float_ops:
+        return prepared
+    m = onnx.load_from_string(prepared)
+    return m.SerializeToString() if fuse_gelu(m) else prepared
+
+
+def fuse_gelu(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, each exact GELU as the exporter writes it, ``x * (erf(x / sqrt 2) + 1)
+    * 0.5`` (five nodes; also ``x * 0.5 * (...)`` and the ``x * (1 / sqrt 2)`` form), into one
+    ``com.microsoft.Gelu`` node (the same function: ORT's own float fusion target). Returns how
+    many were fused; constants left unused are removed. The new node is named after the Erf's
+    scope (``/stages/.../act/Gelu``), so `onnx_node_layers` still finds its layer."""
+    import math
+
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    if _has_subgraphs(g):
+        return 0  # If/Loop bodies see outer names; not worth rewriting around (CNNs have none)
+    consts: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+
+    def scalar(name: str, value: float) -> bool:
+        v = consts.get(name)
+        return v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - value) <= 1e-5 * max(1.0, abs(value))
+
+    def other(node: onnx.NodeProto, name: str) -> str | None:
+        ins = list(node.input)
+        return ins[1 - ins.index(name)] if len(ins) == 2 and name in ins else None
+
+    def sole(name: str, op: str) -> onnx.NodeProto | None:
+        # an intermediate value of the pattern: one consumer, of the given type, not an output
+        c = consumers.get(name, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op and name not in graph_outputs else None
+
+    fused: dict[int, onnx.NodeProto] = {}  # id of the pattern's last node -> its Gelu
+    dropped: set[int] = set()
+    for erf in g.node:
+        if erf.op_type != "Erf" or erf.input[0] not in producer:
+            continue
+        scale = producer[erf.input[0]]
+        if scale.op_type == "Div" and scalar(scale.input[1], math.sqrt(2.0)):
+            x = scale.input[0]
+        elif scale.op_type == "Mul" and any(scalar(i, 1 / math.sqrt(2.0)) for i in scale.input):
+            x = next(i for i in scale.input if not scalar(i, 1 / math.sqrt(2.0)))
+        else:
+            continue
+        if len(consumers.get(scale.output[0], [])) != 1 or scale.output[0] in graph_outputs:
+            continue
+        add = sole(erf.output[0], "Add")
+        if add is None or not scalar(other(add, erf.output[0]) or "", 1.0):
+            continue
+        m1 = sole(add.output[0], "Mul")
+        if m1 is None:
+            continue
+        m2 = sole(m1.output[0], "Mul")
+        if m2 is None:
+            continue
+        rest1, rest2 = other(m1, add.output[0]), other(m2, m1.output[0])
+        # (x * (erf + 1)) * 0.5, or (erf + 1) * (x * 0.5) read the other way round
+        if not (rest1 == x and rest2 is not None and scalar(rest2, 0.5)):
+            continue
+        if any(id(n) in dropped for n in (scale, erf, add, m1, m2)):
+            continue
+        scope = erf.name.rsplit("/", 1)[0] if "/" in erf.name else ""
+        fused[id(m2)] = helper.make_node("Gelu", [x], [m2.output[0]], name=f"{scope}/Gelu", domain=MS_DOMAIN)
+        dropped.update(id(n) for n in (scale, erf, add, m1, m2))
+    if not fused:
+        return 0
+    nodes = [fused.get(id(n), n) for n in g.node if id(n) not in dropped or id(n) in fused]
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _drop_unused_constants(g)
+    return len(fused)
+
+
+def _has_subgraphs(g: onnx.GraphProto) -> bool:
+    import onnx
+
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in kinds for n in g.node for a in n.attribute)
+
+
+def _drop_unused_constants(g: onnx.GraphProto) -> None:
+    """Initializers and Constant nodes no node reads and the graph does not output."""
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep_nodes = [n for n in g.node if n.op_type != "Constant" or any(o in used for o in n.output)]
+    if len(keep_nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep_nodes)
+    keep = [t for t in g.initializer if t.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def compact_onnx(model_bytes: bytes) -> bytes:
+    """The same model without what ORT does not read (see the module notes, ``compact``): no
+    value_info or doc strings, one initializer per distinct constant, unused ones dropped, and
+    tensors renamed ``t0``, ``t1``, ... in graph order (graph inputs/outputs and node names kept).
+    Deterministic: the same bytes in give the same bytes out."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(model_bytes)
+    g = m.graph
+    del g.value_info[:]
+    m.doc_string = g.doc_string = ""
+    for n in g.node:
+        n.doc_string = ""
+    if _has_subgraphs(g):
+        return m.SerializeToString()  # names cross into subgraphs: leave them alone
+    fixed = {i.name for i in g.input} | {o.name for o in g.output}
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    alias: dict[str, str] = {}
+    kept = []
+    for t in g.initializer:
+        key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+        if t.name not in fixed and key in first:
+            alias[t.name] = first[key]
+        else:
+            first.setdefault(key, t.name)
+            kept.append(t)
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    _drop_unused_constants(g)
+    new: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in fixed:  # "" is an omitted optional input
+            return name
+        return new.setdefault(name, f"t{len(new)}")
+
+    for t in g.initializer:
+        t.name = short(t.name)
+    for n in g.node:
+        n.input[:] = [short(x) for x in n.input]
+        n.output[:] = [short(x) for x in n.output]
+    return m.SerializeToString()
 
 
 def onnx_node_layers(node_name: str) -> list[str]:
@@ -221,11 +406,15 @@ def onnx_node_layers(node_name: str) -> list[str]:
     return out
 
 
-def _excluded_nodes(float_bytes: bytes, float_layers: Sequence[str], ctx: PassContext) -> list[str]:
-    """ONNX nodes that lie in (or under) the named torch layers, for ``nodes_to_exclude``."""
+def _excluded_nodes(
+    float_bytes: bytes, float_layers: Sequence[str], ctx: PassContext, float_ops: Sequence[str] = ()
+) -> list[str]:
+    """ONNX nodes that lie in (or under) the named torch layers, then (``"depthwise"`` in
+    ``float_ops``) every grouped Conv, for ``nodes_to_exclude``."""
     import onnx
 
-    nodes = [n.name for n in onnx.load_from_string(float_bytes).graph.node]
+    graph = onnx.load_from_string(float_bytes).graph
+    nodes = [n.name for n in graph.node]
     out: list[str] = []
     for layer in float_layers:
         mine = [n for n in nodes if layer in onnx_node_layers(n)]
@@ -233,6 +422,9 @@ def _excluded_nodes(float_bytes: bytes, float_layers: Sequence[str], ctx: PassCo
             # e.g. a BatchNorm the exporter folded into its conv: it has no node of its own
             ctx.notes.append(f"int8: layer {layer!r} has no node of its own in the ONNX graph; nothing kept in float for it")
         out.extend(n for n in mine if n not in out)
+    if "depthwise" in float_ops:
+        grouped = [n.name for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        out.extend(n for n in grouped if n not in out)
     return out
 
 
@@ -295,7 +487,8 @@ def _quantize(float_bytes: bytes, s: Mapping[str, Any], ranges: Mapping[str, Seq
         save_tensors_data(TensorsData(_method(s["calibration"]), data), cache)
         out = Path(tmp) / "q.onnx"
         _run_quantize_static(float_bytes, s, out, excluded, cache)
-        return out.read_bytes()
+        q = out.read_bytes()
+    return compact_onnx(q) if s["compact"] else q
 
 
 def _run_quantize_static(float_bytes: bytes, s: Mapping[str, Any], out: Path, excluded: list[str], cache: Path) -> None:

@@ -110,7 +110,8 @@ class ControllerChain:
 
 
 def policy_space_for(
-    out: Path, architecture: Genotype, module: Any, deploy: Any, data: Any, kind: str, finetune: Mapping[str, Any]
+    out: Path, architecture: Genotype, module: Any, deploy: Any, data: Any, kind: str, finetune: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
 ) -> PolicySpace:
     """The architecture's policy space: read from the run folder when a search made it before
     (the same layer table and probe values, so a resume encodes exactly as the first run did),
@@ -118,9 +119,11 @@ def policy_space_for(
     path = out / FOLDER / f"{architecture.id}.space.json"
     if path.is_file():
         space = PolicySpace.from_json(json.loads(path.read_text()))
-        if space.options["kind"] == kind and dict(space.options["finetune"]) == dict(finetune):
+        wanted = {k: space.options[k] for k in (options or {})}
+        same = all(_plain(v) == _plain(wanted[k]) for k, v in (options or {}).items())
+        if space.options["kind"] == kind and dict(space.options["finetune"]) == dict(finetune) and same:
             return space
-    space = PolicySpace.for_model(module, deploy, data, kind=kind, finetune=dict(finetune))
+    space = PolicySpace.for_model(module, deploy, data, kind=kind, finetune=dict(finetune), **dict(options or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(space.to_json()))
@@ -165,3 +168,7 @@ def policy_controllers(
         )
     return ControllerChain(controllers)
 
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))

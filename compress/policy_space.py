@@ -73,6 +73,7 @@ class PolicySpace(SearchSpace):
         "model": {},  # model totals: params, macs, layers, depthwise MAC share
         "finetune": {"epochs": 2, "lr": 1e-3, "kd": True},
         "importance": "l1",
+        "round_to": 1,  # channel multiple kept by pruning (8 suits ORT's blocked conv kernels)
         "prune_ratios": PRUNE_RATIOS,
         "rank_kept": RANK_KEPT,
         "calibrations": CALIBRATIONS,
@@ -132,7 +133,8 @@ class PolicySpace(SearchSpace):
             for layer in members
         }
         if per_layer:
-            steps.append(("structured", {"ratio": 0.0, "per_layer": per_layer, "importance": self.options["importance"]}))
+            steps.append(("structured", {"ratio": 0.0, "per_layer": per_layer, "importance": self.options["importance"],
+                                         "round_to": int(self.options["round_to"])}))
         ranks: dict[str, int] = {}
         for i, (_, members) in enumerate(groups):
             kept = float(values.get(f"rank_g{i}", 1.0))

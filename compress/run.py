@@ -95,6 +95,7 @@ class CompressConfig:
     policy_space: str = "prune+int8"
     constraints: tuple[str, ...] = ()
     search_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    policy_space_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"round_to": 8}
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.model is None):
@@ -130,6 +131,13 @@ class CompressConfig:
                 raise ConfigError(f"--budget is the number of policy evaluations per model, >= 1; got {self.budget}")
             if self.policies or self.nni_config:
                 raise ConfigError("--search searches policies itself; drop --policy/--nni-config and the pass flags")
+            from .policy_space import PolicySpace
+
+            settable = {k: v for k, v in PolicySpace.default_options.items()
+                        if k not in ("kind", "groups", "layers", "ends", "model", "group_sensitivity", "finetune")}
+            for key in self.policy_space_options:
+                if key not in settable:
+                    raise UnknownNameError("policy space option", key, settable)
             from nas.objectives import parse_constraints
 
             named = [o.metric for o in parse_objectives(self.objectives)] + [
@@ -413,7 +421,8 @@ def _policy_search(
         base = evaluator.load_base(g)
         if base.kind == "torchscript":
             base = evaluator.as_eager(base)
-        spaces.append((g, policy_space_for(out, g, base.module, base.deploy, evaluator.data(), cfg.policy_space, finetune)))
+        spaces.append((g, policy_space_for(out, g, base.module, base.deploy, evaluator.data(), cfg.policy_space, finetune,
+                                           cfg.policy_space_options)))
     return policy_controllers(
         out, store, spaces, cfg.search, cfg.budget, objectives, constraints, cfg.seed, cfg.finetune_epochs,
         options=dict(cfg.search_options),

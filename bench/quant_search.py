@@ -194,7 +194,7 @@ def main() -> None:
     lines = [
         "# int8 policy search: evaluations to reach the grid's best configuration",
         "",
-        f"Command: `python bench/quant_search.py {' '.join(sys.argv[1:])}`".replace(" `", "`").replace("py`", "py `"),
+        "Command: `" + " ".join(["python", "bench/quant_search.py", *sys.argv[1:]]) + "`",
         "",
         f"Objective: highest `{args.metric}` (ORT speed-up over the float model, re-timed in interleaved rounds) "
         f"with accuracy drop <= {args.max_drop} points. 'reached' = first evaluation within {args.tolerance:.0%} "

@@ -96,6 +96,8 @@ class CompressConfig:
     constraints: tuple[str, ...] = ()
     search_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     policy_space_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"round_to": 8}
+    # the strategy's seed, when it should differ from ``seed`` (which also splits --model data)
+    search_seed: int | None = None
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.model is None):
@@ -424,7 +426,8 @@ def _policy_search(
         spaces.append((g, policy_space_for(out, g, base.module, base.deploy, evaluator.data(), cfg.policy_space, finetune,
                                            cfg.policy_space_options)))
     return policy_controllers(
-        out, store, spaces, cfg.search, cfg.budget, objectives, constraints, cfg.seed, cfg.finetune_epochs,
+        out, store, spaces, cfg.search, cfg.budget, objectives, constraints,
+        cfg.seed if cfg.search_seed is None else cfg.search_seed, cfg.finetune_epochs,
         options=dict(cfg.search_options),
     )
 

@@ -45,6 +45,7 @@ def add_compress_parser(sub: Any) -> None:
     srch.add_argument("--budget", type=int, help="policy evaluations per model (default 20)")
     srch.add_argument("--policy-space", metavar="KIND",
                       help="what is searched: int8, prune, lowrank, prune+int8 (default), lowrank+int8")
+    srch.add_argument("--search-seed", type=int, help="the strategy's seed (default --seed, which also splits the data)")
     srch.add_argument("--constraint", action="append", metavar="EXPR",
                       help="e.g. 'acc_drop<=0.5' (points), 'onnx_latency_ms<=1'; repeatable")
     c.add_argument("--objectives", help="comma list of compression metrics (default val_acc,onnx_latency_ms); "
@@ -81,8 +82,9 @@ def compress_command(args: argparse.Namespace) -> int:
     from search_spaces import ConfigError
 
     if args.resume:
-        given = [k for k in ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config", "search",
-                             "budget", "policy_space", "constraint") if getattr(args, k)]
+        flags = ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config", "search", "budget",
+                 "policy_space", "constraint", "search_seed")
+        given = [k for k in flags if getattr(args, k) is not None]
         if given or args.int8:
             raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
         progress = CompressProgress(args.quiet)
@@ -92,7 +94,7 @@ def compress_command(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
                 "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs",
-                "finetune_lr", "nni_config", "search", "budget", "policy_space"):
+                "finetune_lr", "nni_config", "search", "budget", "policy_space", "search_seed"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value

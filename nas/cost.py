@@ -19,6 +19,9 @@ called twice count twice), for an output `y` and input `x`:
   `F.relu`, `torch.cat`) is not seen; leaf modules of unknown types are listed in
   `ModelStats.uncounted` so an under-count is visible rather than silent.
 
+`params` counts each parameter once, without those only training-only heads hold (DARTS's
+auxiliary classifier, `TRAINING_ONLY_MODULES`), as papers report them.
+
 `activations` is the total number of elements in the outputs of all leaf modules except pure
 views and no-ops (Identity, Flatten, Unflatten, Dropout): a proxy for the memory traffic of one
 forward pass, not peak memory. All counts are for the whole batch (`batch_size` samples).
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RUNTIMES",
+    "TRAINING_ONLY_MODULES",
     "Latency",
     "ModelStats",
     "count_params",
@@ -113,9 +117,25 @@ class Latency:
         }
 
 
-def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements; a parameter shared by two modules counts once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+# Submodules only training uses, by attribute name: DARTS's auxiliary classifier (see
+# search_spaces/nasnet_model.py) adds a loss during training and is never run at inference, and
+# DARTS and the papers after it report parameters without it. `profile` leaves their parameters
+# out; their FLOPs need no rule, as the forward pass `profile` runs never calls them.
+TRAINING_ONLY_MODULES = ("auxiliary_head",)
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False, inference_only: bool = False) -> int:
+    """Number of parameter elements; a parameter shared by two modules counts once.
+    ``inference_only`` leaves out the parameters that only `TRAINING_ONLY_MODULES` hold."""
+    if not inference_only:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    used: dict[int, torch.nn.Parameter] = {}
+    for name, module in model.named_modules(remove_duplicate=False):  # every path of a shared one
+        if any(part in TRAINING_ONLY_MODULES for part in name.split(".")):
+            continue
+        for param in module.parameters(recurse=False):  # a parameter shared with the main net stays
+            used[id(param)] = param
+    return sum(p.numel() for p in used.values() if p.requires_grad or not trainable_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +175,7 @@ def profile(model: torch.nn.Module, input_shape: Sequence[int], batch_size: int 
         for h in handles:
             h.remove()
     return ModelStats(
-        params=count_params(model),
+        params=count_params(model, inference_only=True),
         flops=2 * totals["macs"],
         macs=totals["macs"],
         activations=totals["activations"],

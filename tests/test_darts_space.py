@@ -120,6 +120,21 @@ def test_darts_v2_has_the_published_parameter_count() -> None:
     assert darts_v2().auxiliary_head is None  # the builder for compress/export: no dead head
 
 
+def test_recorded_params_and_flops_leave_the_auxiliary_head_out() -> None:
+    # `profile` gives a trial's params/flops metrics (and the static ones constraints reject on)
+    from nas.cost import count_params, profile
+
+    with_head, without = darts_v2(auxiliary=True), darts_v2()
+    stats = profile(with_head, (3, 32, 32))
+    assert stats.params == _params(with_head) == count_params(without) == 3_349_342  # DARTS's count
+    assert count_params(with_head) > stats.params  # the head is there, only not counted
+    assert stats.flops == profile(without, (3, 32, 32)).flops
+    # the space's build with auxiliary=true, as a trial builds it
+    space = get_space("darts", **DARTS_CIFAR10)
+    model = space.build(named_genotype("DARTS_V2"), (3, 32, 32), 10)
+    assert model.auxiliary_head is not None and profile(model, (3, 32, 32)).params == 3_349_342
+
+
 @pytest.mark.parametrize("name", [n for n, g in GENOTYPES.items() if g.params_m is not None])
 def test_published_cells_have_their_papers_parameter_counts(name: str) -> None:
     model = build_named(name, auxiliary=False)

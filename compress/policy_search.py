@@ -110,12 +110,13 @@ class ControllerChain:
 
 
 def policy_space_for(
-    out: Path, architecture: Genotype, module: Any, deploy: Any, data: Any, kind: str, finetune: Mapping[str, Any],
-    options: Mapping[str, Any] | None = None,
+    out: Path, architecture: Genotype, load: Callable[[], tuple[Any, Any]], data: Any, kind: str,
+    finetune: Mapping[str, Any], options: Mapping[str, Any] | None = None,
 ) -> PolicySpace:
     """The architecture's policy space: read from the run folder when a search made it before
     (the same layer table and probe values, so a resume encodes exactly as the first run did),
-    else measured on the trained model and written there."""
+    else measured on the trained model — ``load()`` gives (training form, deploy form), called
+    only then — and written there."""
     path = out / FOLDER / f"{architecture.id}.space.json"
     if path.is_file():
         space = PolicySpace.from_json(json.loads(path.read_text()))
@@ -123,6 +124,7 @@ def policy_space_for(
         same = all(_plain(v) == _plain(wanted[k]) for k, v in (options or {}).items())
         if space.options["kind"] == kind and dict(space.options["finetune"]) == dict(finetune) and same:
             return space
+    module, deploy = load()
     space = PolicySpace.for_model(module, deploy, data, kind=kind, finetune=dict(finetune), **dict(options or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

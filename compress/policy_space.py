@@ -249,8 +249,11 @@ class PolicySpace(SearchSpace):
         of ``deploy`` (the form int8 quantizes; the same object when nothing merges)."""
         if kind not in KINDS:
             raise UnknownNameError("policy space kind", kind, KINDS)
-        table, totals = describe_model(module, data, probes=False)
-        deploy_table, _ = describe_model(deploy, data, probes=probes and "int8" in kind)
+        deploy_table, totals = describe_model(deploy, data, probes=probes and "int8" in kind)
+        if deploy is not module:  # the training form's layers are what pruning names
+            table, totals = describe_model(module, data, probes=False)
+        else:  # nothing merges: one description serves both
+            table = [dict(d) for d in deploy_table]
         known = {d["name"] for d in table}
         table += [d for d in deploy_table if d["name"] not in known]
         for d in table:

@@ -17,6 +17,7 @@ Folder contents added by compression::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -418,18 +419,24 @@ def _policy_search(
     objectives = parse_objectives(cfg.objectives)  # names checked by CompressConfig
     constraints = parse_constraints(cfg.constraints)
     finetune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "kd": True}
-    spaces = []
-    for g in architectures:
-        base = evaluator.load_base(g)
-        if base.kind == "torchscript":
-            base = evaluator.as_eager(base)
-        spaces.append((g, policy_space_for(out, g, base.module, base.deploy, evaluator.data(), cfg.policy_space, finetune,
-                                           cfg.policy_space_options)))
+    spaces = [
+        (g, policy_space_for(out, g, functools.partial(_trained_forms, evaluator, g), evaluator.data(),
+                             cfg.policy_space, finetune, cfg.policy_space_options))
+        for g in architectures
+    ]
     return policy_controllers(
         out, store, spaces, cfg.search, cfg.budget, objectives, constraints,
         cfg.seed if cfg.search_seed is None else cfg.search_seed, cfg.finetune_epochs,
         options=dict(cfg.search_options),
     )
+
+
+def _trained_forms(evaluator: CompressionEvaluator, g: Genotype) -> tuple[Any, Any]:
+    """(training form, deploy form) of a trained model, TorchScript turned eager (for probes)."""
+    base = evaluator.load_base(g)
+    if base.kind == "torchscript":
+        base = evaluator.as_eager(base)
+    return base.module, base.deploy
 
 
 def _read_nni_config(path: str) -> list[Any]:

@@ -123,6 +123,7 @@ class SearchController:
         interrupted = self.store.interrupted(stages=self.rows.stages)
         records = self.store.records()
         self._rows = len(records)
+        proposals = [self.rows.proposal(r) for r in records]  # parsed once: None = not this search's
         for rec in interrupted:
             self.told.add(rec["number"])  # its FAIL row is bookkeeping, not a result to learn from
             if rec.get("genotype"):  # rows of older stores may lack it (see RunStore.start)
@@ -133,34 +134,32 @@ class SearchController:
         # got as far as the store: it is requeued above if it was running, done if it finished
         # (a kill between recording a rejection and saving must not reject it twice).
         rows_at_save = saved.get("rows", len(records))
-        opened = {p.to_str() for r in records[rows_at_save:] if (p := self.rows.proposal(r)) is not None}
+        opened = {p.to_str() for p in proposals[rows_at_save:] if p is not None}
         for text in saved.get("requeued", []):
             if isinstance(text, list):  # state files of earlier versions: [genotype, policy]
                 text = text[0]
             if text not in opened:
                 self._requeue(self.strategy.space.from_str(text))
-        for rec in records:
-            if rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
+        for rec, g in zip(records, proposals, strict=True):
+            if g is None or rec["number"] in self.told or rec["status"] not in (*_COUNTED, "rejected"):
                 continue
-            g = self.rows.proposal(rec)
-            if g is None:
-                continue
-            self._tell(rec["number"], g, rec["status"], rec["metrics"], self._violation(rec))
+            self._tell(rec["number"], g, rec["status"], rec["metrics"],
+                       self._violation(rec["status"], rec["metrics"], rec.get("violation")))
             self.resumed_told += 1
         # counted once here, then kept up to date by `finish` (no store scan per ask)
         self._counted = sum(
             uses_evaluation(r["status"], str(r.get("error") or ""))
-            for r in records
-            if self.rows.proposal(r) is not None
+            for r, p in zip(records, proposals, strict=True)
+            if p is not None
         )
         self._save()
 
-    def _violation(self, rec: Mapping[str, Any]) -> float:
+    def _violation(self, status: str, metrics: Mapping[str, float], stored: float | None) -> float:
+        """The violation the strategy is told: the store's, or this search's own constraints'
+        on the metrics (failed trials have no metrics to judge)."""
         if not self._own_constraints:
-            return float(rec.get("violation") or 0.0)
-        if rec["status"] not in ("complete", "stopped"):
-            return 0.0
-        return violation_of(self.constraints, rec["metrics"])
+            return float(stored or 0.0)
+        return violation_of(self.constraints, metrics) if status in ("complete", "stopped") else 0.0
 
     def _requeue(self, proposal: Genotype) -> None:
         if proposal not in self.requeued:
@@ -257,9 +256,7 @@ class SearchController:
         return False
 
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
-        violation = self.store.finish(candidate, result)
-        if self._own_constraints:
-            violation = violation_of(self.constraints, result.metrics) if result.status in ("complete", "stopped") else 0.0
+        violation = self._violation(result.status, result.metrics, self.store.finish(candidate, result))
         self.in_flight.pop(candidate.number, None)
         proposal = self._proposals.pop(candidate.number, candidate.genotype)
         self._counted += uses_evaluation(result.status, result.error)

@@ -93,6 +93,7 @@ class _Run:
     space_options: dict[str, Any]
     model_spec: str | None  # a --model run's builder or TorchScript file
     calib_size: int
+    joint: bool = False  # a joint architecture x compression run: its trials are compressed pairs
 
     def data(self) -> Dataset:
         from nas.data import load_dataset
@@ -116,7 +117,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
         space = get_space(cfg.space, **dict(cfg.space_options))
         space = space.tiny() if cfg.tiny else space
         return _Run(d, open_store(d, read_only=True), cfg.dataset, cfg.seed, True, cfg.space,
-                    dict(space.options), None, calib)
+                    dict(space.options), None, calib, cfg.joint)
     if comp.get("model"):
         if not (d / "study.db").is_file():
             raise ConfigError(f"{str(d)!r} holds no study.db: nothing was compressed there yet")
@@ -143,7 +144,7 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
             raise ConfigError(f"the run {str(run.dir)!r} has no trial {trial} (trials: {span})")
         rec = by_number[trial]
     else:
-        stage = "search" if run.space is not None else "compress"
+        stage = "search" if run.space is not None and not run.joint else "compress"
         done = [r for r in records if r["stage"] == stage and r["status"] == "complete"
                 and losses(run.store.objectives, r["metrics"]) is not None]
         if stage == "compress" and policy is not None:  # a --model run: the best of that policy

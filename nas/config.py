@@ -38,6 +38,11 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("val_acc", "params")
     constraints: tuple[str, ...] = ()
     seed: int = 0
+    # joint architecture x compression search (`compress.joint`): a candidate is a pair
+    # (architecture, compression policy of the `joint_policy` families), measured after compression
+    joint: bool = False
+    joint_policy: str = "prune+int8"
+    joint_options: Mapping[str, Any] = field(default_factory=dict)
     # training
     batch_size: int = 64
     lr: float = 3e-3
@@ -106,7 +111,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{key} in {source} must be a list of strings, got {value!r}")
-    if key in ("space_options", "strategy_options"):
+    if key in ("space_options", "strategy_options", "joint_options"):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} in {source} must be a table/mapping, got {value!r}")
         return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}

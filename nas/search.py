@@ -16,20 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from search_spaces import ConfigError, SearchSpace, UnknownNameError, get_space
 
 from .config import SearchConfig
-from .controller import SearchController
+from .controller import ProposalRows, SearchController
 from .objectives import parse_constraints, parse_objectives
 from .store import RunStore
 from .strategies.base import make_strategy
 from .trial import Candidate, TrialResult
 
 __all__ = [
+    "RunPlan",
     "SearchRun",
     "driver_running",
     "open_store",
@@ -56,6 +57,31 @@ WEIGHTS_DIR = "weights"  # in a run folder: <genotype id>-s<seed>-e<epochs>.safe
 STATIC_METRICS = ("params", "flops", "macs")  # known before training: checked before a trial starts
 
 
+class RunPlan(Protocol):
+    """What a run searches and how one proposal is evaluated, when that is not a plain
+    architecture search: a joint architecture x compression search (`compress.joint`) proposes
+    (architecture, policy) pairs. `nas` defines this seam and never imports its implementations;
+    the CLI hands one in for runs whose config asks for it (``joint = true``)."""
+
+    metrics: tuple[str, ...]  # valid objective and constraint metrics
+
+    def space(self, cfg: SearchConfig, architectures: SearchSpace) -> SearchSpace:
+        """The space the strategy searches."""
+        ...
+
+    def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> Any: ...
+
+    def rows(self, space: SearchSpace) -> ProposalRows: ...
+
+    def parse(self, cfg: SearchConfig, architectures: SearchSpace) -> Callable[[str], Any]:
+        """Row genotype text -> genotype on Ray workers (picklable)."""
+        ...
+
+    def stats_fn(self, space: SearchSpace, evaluator: Any) -> Callable[[Any], np.ndarray] | None:
+        """Cheap statistics of a proposal for the surrogate (None: none)."""
+        ...
+
+
 @dataclass
 class SearchRun:
     out: Path
@@ -66,6 +92,7 @@ class SearchRun:
     space: SearchSpace
     lock: Any = None  # the open lock file: one driver per run folder
     created: bool = False  # this call made the folder (not a resume, not a pre-made --out)
+    parse: Callable[[str], Any] | None = None  # row genotype text -> genotype on Ray workers
 
     def write_tables(self) -> tuple[Path, Path]:
         return write_tables(self.out, self.store)
@@ -157,8 +184,12 @@ def open_store(run_dir: str | Path, read_only: bool = False) -> RunStore:
     return _store_for(read_config(run_dir), Path(run_dir), read_only)
 
 
-def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = None) -> SearchRun:
-    """Validate everything, create (or reopen) the run folder and its store; run nothing yet."""
+def prepare_run(
+    config: SearchConfig | None = None, resume: str | Path | None = None, plan: RunPlan | None = None
+) -> SearchRun:
+    """Validate everything, create (or reopen) the run folder and its store; run nothing yet.
+    ``plan``: what a joint run searches and evaluates (see `RunPlan`); required when the
+    config says ``joint``."""
     from .training import TrainingEvaluator
 
     if resume is not None:
@@ -174,14 +205,17 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         if (out / "config.json").exists():
             raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume {out}")
 
+    if cfg.joint and plan is None:
+        raise ConfigError("this is a joint architecture x compression run: run it with `nas-run search`")
     objectives = parse_objectives(cfg.objectives)
     constraints = parse_constraints(cfg.constraints)
+    valid = plan.metrics if plan is not None else TRAINING_METRICS
     for metric in [o.metric for o in objectives] + [c.metric for c in constraints]:
-        if metric not in TRAINING_METRICS:
-            raise UnknownNameError("metric for objectives/constraints", metric, TRAINING_METRICS)
-    space = get_space(cfg.space, **dict(cfg.space_options))
+        if metric not in valid:
+            raise UnknownNameError("metric for objectives/constraints", metric, valid)
+    architectures = space = get_space(cfg.space, **dict(cfg.space_options))
     if cfg.tiny:
-        space = space.tiny()
+        architectures = space = space.tiny()
     evaluator = TrainingEvaluator(
         space=cfg.space,
         space_options=dict(space.options),
@@ -198,6 +232,12 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         # trained weights of every finished trial: `nas-run compress --run DIR` starts from them
         weights_dir=str((out / WEIGHTS_DIR).resolve()),
     )
+    rows: ProposalRows | None = None
+    parse = None
+    if plan is not None:
+        space = plan.space(cfg, architectures)
+        evaluator = plan.evaluator(cfg, out, architectures)
+        rows, parse = plan.rows(space), plan.parse(cfg, architectures)
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
     if cfg.runner == "ray":  # so does a cluster address nothing answers at
         from .runners.ray_tune import check_ray_address
@@ -205,7 +245,9 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         check_ray_address(cfg.ray_address)
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
-        options.setdefault("stats_fn", _model_statistics(evaluator))
+        stats = plan.stats_fn(space, evaluator) if plan is not None else _model_statistics(evaluator)
+        if stats is not None:
+            options.setdefault("stats_fn", stats)
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
 
     created = not out.exists()
@@ -223,7 +265,12 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
     if resume is None or config is not None:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     store.set_meta("config", cfg.to_json())
-    static = evaluator.static_metrics if any(c.metric in STATIC_METRICS for c in constraints) else None
+    # a joint run's params/FLOPs are those after compression: nothing to check before training
+    static = (
+        evaluator.static_metrics
+        if plan is None and any(c.metric in STATIC_METRICS for c in constraints)
+        else None
+    )
     controller = SearchController(
         strategy,
         store,
@@ -232,8 +279,9 @@ def prepare_run(config: SearchConfig | None = None, resume: str | Path | None = 
         seed=cfg.seed,
         state_path=out / "strategy_state.json",
         static_metrics=static,
+        rows=rows,
     )
-    return SearchRun(out, cfg, store, controller, evaluator, space, lock, created)
+    return SearchRun(out, cfg, store, controller, evaluator, space, lock, created, parse)
 
 
 def _old_darts_rules(cfg: SearchConfig, out: Path) -> SearchConfig:
@@ -263,8 +311,9 @@ def run_search(
     config: SearchConfig | None = None,
     resume: str | Path | None = None,
     on_result: Callable[[Candidate, TrialResult], None] | None = None,
+    plan: RunPlan | None = None,
 ) -> SearchRun:
-    run = prepare_run(config, resume)
+    run = prepare_run(config, resume, plan)
     cfg = run.config
     try:
         if cfg.runner == "ray":
@@ -273,6 +322,7 @@ def run_search(
             run_ray(
                 run.controller,
                 run.evaluator,
+                parse=run.parse,
                 cpus_per_trial=cfg.cpus_per_trial,
                 gpus_per_trial=cfg.gpus_per_trial,
                 max_concurrent=cfg.max_concurrent,

@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then compress the run's best candidates with the built-in policies (as `nas-run compress --run DIR`)",
     )
+    s.add_argument(
+        "--joint",
+        action="store_true",
+        help="search (architecture, compression policy) pairs together, measured after compression "
+        "(default objectives val_acc,onnx_latency_ms,file_bytes)",
+    )
+    s.add_argument(
+        "--joint-policy",
+        metavar="KIND",
+        help="with --joint: the policy families searched: int8, prune, lowrank, prune+int8 (default), lowrank+int8",
+    )
     s.add_argument("--report", action="store_true", help="then write the run's report (as `nas-run report DIR`)")
     s.add_argument(
         "--export",
@@ -94,7 +105,10 @@ def _show(args: argparse.Namespace) -> int:
     else:
         records = store.records()
         counted = sum(
-            uses_evaluation(r["status"], str(r["error"] or "")) for r in records if r["stage"] in SEARCH_STAGES
+            uses_evaluation(r["status"], str(r["error"] or ""))
+            for r in records
+            # a joint run's trials are its (architecture, policy) pairs
+            if (str(r.get("proposal") or "").startswith("joint@") if config.joint else r["stage"] in SEARCH_STAGES)
         )
         if counted < config.trials or any(r["status"] == "running" for r in records):
             # "running" rows of a run nobody drives are trials a dead driver left behind
@@ -134,6 +148,14 @@ def _search(args: argparse.Namespace) -> int:
         settings["constraints"] = list(args.constraint)
     if args.full_size:
         settings["tiny"] = False
+    if args.joint:
+        settings["joint"] = True
+    if args.joint_policy is not None:
+        settings["joint_policy"] = args.joint_policy
+    if settings.get("joint") and "objectives" not in settings and not args.resume:
+        from compress.joint import DEFAULT_OBJECTIVES
+
+        settings["objectives"] = list(DEFAULT_OBJECTIVES)
     if args.resume:
         extra = set(settings) - {"trials"}
         if extra:
@@ -153,10 +175,17 @@ def _search(args: argparse.Namespace) -> int:
         if args.export not in FORMATS:
             raise UnknownNameError("export format", args.export, FORMATS)
 
+    from nas.search import read_config
     from nas_run.progress import Progress
 
-    progress = Progress(quiet=args.quiet)
-    run = run_search(config, resume=args.resume, on_result=progress.on_result)
+    joint = read_config(args.resume).joint if args.resume else bool(config and config.joint)
+    plan = None
+    if joint:  # the CLI hands the joint plan in: `nas` never imports `compress`
+        from compress.joint import JointPlan
+
+        plan = JointPlan()
+    progress = Progress(quiet=args.quiet, joint=joint)
+    run = run_search(config, resume=args.resume, on_result=progress.on_result, plan=plan)
     progress.summary(run)
     if args.compress:
         from compress.run import CompressConfig, run_compress

@@ -46,8 +46,10 @@ def print_trials(store: Any, stream: Any = None) -> None:
 
 
 class Progress:
-    def __init__(self, quiet: bool = False, stream: Any = None):
+    def __init__(self, quiet: bool = False, stream: Any = None, joint: bool = False):
         self.quiet = quiet
+        # a joint run's trials are compressed pairs: show what was measured after compression
+        self.shown = ("val_acc", "onnx_latency_ms", "file_bytes", "trained") if joint else ("val_acc", "params", "latency_ms")
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
         self.done = 0
@@ -62,7 +64,7 @@ class Progress:
             return
         shown = " ".join(
             format_metric(k, result.metrics[k])
-            for k in ("val_acc", "params", "latency_ms")
+            for k in self.shown
             if k in result.metrics
         )
         err = f" error: {result.error}" if result.error else ""
@@ -76,13 +78,17 @@ class Progress:
 
     def summary(self, run: Any) -> None:
         df = run.store.dataframe()
-        search = df[df["stage"].isin(["search"]) | df["stage"].isna()] if not df.empty else df
+        if getattr(run.config, "joint", False) and not df.empty:  # its trials are the pairs
+            search = df[df["proposal"].fillna("").astype(str).str.startswith("joint@")]
+        else:
+            search = df[df["stage"].isin(["search"]) | df["stage"].isna()] if not df.empty else df
         counts = search["status"].value_counts().to_dict() if not search.empty else {}
         compressed = len(df) - len(search)
         front = run.store.pareto()
         cols = [
             c
-            for c in ("number", "val_acc", "test_acc", "params", "flops", "latency_ms", "genotype", "policy")
+            for c in ("number", "val_acc", "test_acc", "params", "flops", "latency_ms", "onnx_latency_ms", "file_bytes",
+                      "genotype", "policy")
             if c in front.columns and (c != "policy" or front[c].astype(bool).any())
         ]
         extra = f", and {compressed} compression trials" if compressed else ""

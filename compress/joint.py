@@ -1,0 +1,328 @@
+"""Joint architecture x compression search (SimQ-NAS style): a candidate is a pair
+(architecture genotype, compression policy), searched together and measured after compression,
+in ONNX Runtime, the runtime the model ships in.
+
+Decisions:
+
+* `JointSpace` is one `SearchSpace`: the architecture space's dimensions followed by a few
+  compression dimensions (``c_*``) that mean the same on every architecture — a uniform
+  structured-pruning ratio, a low-rank parameter target, int8 on/off with its calibration and
+  granularity. So every strategy searches pairs unchanged; evolution's mutation changes one
+  decision, i.e. either part of the pair. Per-layer policies need a trained model's layer table
+  (`compress.policy_space`); they are the job of a policy search on the joint front afterwards.
+* A joint trial trains the architecture (reporting every epoch, so ASHA / MO-ASHA can stop it
+  early) unless its trained weights are already in the run's ``weights/``: one trained
+  architecture is compressed under several policies without training it again (the ``trained``
+  metric says which trials paid for training).
+* Its row is a compression trial (stage "compress": the architecture, the policy's text, the
+  proposal), so `nas-run report`, `nas-run export` and `nas-run compress --run DIR` read a joint
+  run like any compressed one, and resume after kill -9 is the search controller's.
+* The surrogate sees the architecture's encoding, the policy's one-hot and the statistics
+  ``log10`` params / FLOPs before and (estimated) after compression, and estimated bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nas.trial import Candidate, Reporter
+from search_spaces import (
+    ConfigError,
+    Dimension,
+    Genotype,
+    GenotypeError,
+    SearchSpace,
+    UnknownNameError,
+    get_space,
+)
+
+from .controller import COMPRESS_STAGE
+from .evaluate import CompressionEvaluator
+from .policy import Policy
+from .policy_space import CALIBRATIONS, KINDS
+
+if TYPE_CHECKING:
+    import torch
+
+    from nas.config import SearchConfig
+
+__all__ = ["JOINT_METRICS", "JointEvaluator", "JointPlan", "JointRows", "JointSpace"]
+
+JOINT_SPACE = "joint"
+# what a joint trial reports: the compression metrics, and whether it trained its architecture
+JOINT_METRICS = (
+    "val_acc", "acc_drop", "onnx_latency_ms", "latency_ms", "speedup", "file_bytes", "zip_bytes",
+    "size_ratio", "params", "flops", "macs", "sparsity", "base_val_acc", "base_onnx_latency_ms",
+    "base_file_bytes", "trained",
+)
+DEFAULT_OBJECTIVES = ("val_acc", "onnx_latency_ms", "file_bytes")
+_INT8 = ("float", "int8")
+_GRANULARITIES = ("per_channel", "per_tensor")
+
+
+class JointSpace(SearchSpace):
+    """Architectures of ``arch_space`` x the compression choices of ``kind`` (`KINDS`)."""
+
+    version = 1
+    default_options: Mapping[str, Any] = {
+        "arch_space": "unireplk",
+        "arch_options": {},  # the architecture space's options, resolved (tiny or full)
+        "kind": "prune+int8",
+        "prune_ratios": (0.0, 0.3, 0.5),  # the built-in policies' moderate ratios (compress/run.py)
+        "rank_targets": (1.0, 0.5, 0.25),  # low-rank: fraction of parameters kept
+        "calibrations": ("minmax", "entropy", "percentile-99.99"),
+        "granularities": _GRANULARITIES,
+        "finetune": {"epochs": 2, "lr": 3e-3, "kd": True},  # after pruning / low rank
+        "importance": "l1",
+        "round_to": 1,
+    }
+
+    def __init__(self, name: str = JOINT_SPACE, **options: Any):
+        merged = {**self.default_options, **options}
+        # built first: `dimensions` (called by the base class) starts with the architecture's
+        self.architectures = get_space(str(merged["arch_space"]), **dict(merged["arch_options"]))
+        super().__init__(name, **options)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        kind = str(self.options["kind"])
+        if kind not in KINDS:
+            raise UnknownNameError("joint policy kind (joint_policy)", kind, KINDS)
+        return tuple(kind.split("+"))
+
+    def policy_dims(self) -> list[Dimension]:
+        fams, o = self.families, self.options
+        dims: list[Dimension] = []
+        if "prune" in fams:
+            dims.append(Dimension("c_prune", _floats("prune_ratios", o["prune_ratios"], 0.0, 0.95)))
+        if "lowrank" in fams:
+            dims.append(Dimension("c_rank", _floats("rank_targets", o["rank_targets"], 0.01, 1.0)))
+        if "int8" in fams:
+            for calib in o["calibrations"]:
+                if str(calib).split("-")[0] not in {c.split("-")[0] for c in CALIBRATIONS}:
+                    raise UnknownNameError("int8 calibration", str(calib), CALIBRATIONS)
+            for gran in o["granularities"]:
+                if gran not in _GRANULARITIES:
+                    raise UnknownNameError("int8 granularity", str(gran), _GRANULARITIES)
+            dims += [
+                Dimension("c_int8", _INT8),
+                Dimension("c_calibration", tuple(o["calibrations"])),
+                Dimension("c_granularity", tuple(o["granularities"])),
+            ]
+        return dims
+
+    def dimensions(self) -> Sequence[Dimension]:
+        arch = list(self.architectures.dims)
+        clash = {d.name for d in arch} & {d.name for d in self.policy_dims()}
+        if clash:
+            raise ConfigError(f"architecture space {self.architectures.name!r} has decisions named like the policy's: {sorted(clash)}")
+        return arch + self.policy_dims()
+
+    def _split(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        names = {d.name for d in self.architectures.dims}
+        return {k: v for k, v in values.items() if k in names}, {k: v for k, v in values.items() if k not in names}
+
+    def to_dims(self, g: Genotype) -> dict[str, Any]:
+        return g.as_dict()
+
+    def from_dims(self, values: Mapping[str, Any]) -> Genotype:
+        arch_values, pol = self._split(values)
+        # canonical: the architecture as its space writes it, int8 settings unset when float
+        arch_values = self.architectures.to_dims(self.architectures.from_dims(arch_values))
+        if pol.get("c_int8") == "float":
+            pol["c_calibration"] = self.options["calibrations"][0]
+            pol["c_granularity"] = self.options["granularities"][0]
+        merged = {**arch_values, **pol}
+        return Genotype(self.name, self.version, tuple((d.name, merged[d.name]) for d in self.dims))
+
+    def build(self, g: Genotype, input_shape: Sequence[int], num_classes: int) -> torch.nn.Module:
+        return self.architectures.build(self.architecture(g), input_shape, num_classes)
+
+    # -- the pair ------------------------------------------------------------------------------
+    def architecture(self, g: Genotype) -> Genotype:
+        arch_values, _ = self._split(self.to_dims(g))
+        return self.architectures.validate(self.architectures.from_dims(arch_values))
+
+    def policy(self, g: Genotype) -> Policy:
+        _, v = self._split(self.to_dims(self.validate(g)))
+        o = self.options
+        steps: list[tuple[str, dict[str, Any]]] = []
+        if float(v.get("c_prune", 0.0)) > 0:
+            steps.append(("structured", {"ratio": float(v["c_prune"]), "importance": o["importance"],
+                                         "round_to": int(o["round_to"])}))
+        if float(v.get("c_rank", 1.0)) < 1.0:
+            steps.append(("lowrank", {"target": float(v["c_rank"]), "allocation": "optimal"}))
+        ft = dict(o["finetune"])
+        if steps and int(ft.get("epochs", 0)) > 0:
+            steps.append(("finetune", ft))
+        if v.get("c_int8") == "int8":
+            calib = str(v["c_calibration"])
+            int8: dict[str, Any] = {"format": "qoperator", "calibration": calib.split("-")[0],
+                                    "per_channel": v["c_granularity"] == "per_channel"}
+            if calib.startswith("percentile-"):
+                int8["percentile"] = float(calib.split("-", 1)[1])
+            steps.append(("int8", int8))
+        return Policy.of(*steps)
+
+    def pair(self, architecture: Genotype, policy_values: Mapping[str, Any]) -> Genotype:
+        """The joint genotype of an architecture and policy decisions (``c_*`` values)."""
+        return self.validate(self.from_dims({**self.architectures.to_dims(architecture), **policy_values}))
+
+    # -- surrogate features --------------------------------------------------------------------
+    @property
+    def encoding_size(self) -> int:
+        return self.architectures.encoding_size + sum(len(d.choices) for d in self.policy_dims())
+
+    def encode(self, g: Genotype) -> np.ndarray:
+        values = self.to_dims(g)
+        parts = [self.architectures.encode(self.architecture(g))]
+        for d in self.policy_dims():
+            onehot = np.zeros(len(d.choices), dtype=np.float32)
+            onehot[d.choices.index(values[d.name])] = 1.0
+            parts.append(onehot)
+        return np.concatenate(parts).astype(np.float32)
+
+    def kept_fractions(self, g: Genotype) -> tuple[float, float, float]:
+        """Rough (parameters, FLOPs, bytes per parameter) after the policy: pruning a layer's
+        outputs also thins the next layer's inputs (~(1 - r)^2); low rank keeps its target of
+        the parameters; int8 stores a byte per weight instead of four."""
+        v = self.to_dims(g)
+        kept = (1.0 - float(v.get("c_prune", 0.0))) ** 2
+        params = kept * float(v.get("c_rank", 1.0))
+        return params, kept * float(v.get("c_rank", 1.0)), (1.0 if v.get("c_int8") == "int8" else 4.0)
+
+    def to_json(self) -> dict[str, Any]:
+        import json
+
+        return {"name": self.name, "version": self.version, "options": json.loads(json.dumps(self.options))}
+
+
+def _floats(name: str, values: Sequence[Any], low: float, high: float) -> tuple[float, ...]:
+    out = tuple(float(v) for v in values)
+    if not out or any(not low <= v <= high for v in out) or len(set(out)) != len(out):
+        raise ConfigError(f"joint_options.{name}: distinct numbers in [{low}, {high}], got {list(values)}")
+    return out
+
+
+class JointRows:
+    """Proposals are joint genotypes; rows are compression trials (architecture, policy text),
+    with the joint genotype kept as the row's ``proposal``."""
+
+    stages = (COMPRESS_STAGE,)
+
+    def __init__(self, space: JointSpace):
+        self.space = space
+
+    def row(self, proposal: Genotype) -> tuple[str, str, str]:
+        arch = self.space.architecture(proposal)
+        return arch.to_str(), arch.id, self.space.policy(proposal).to_str()
+
+    def candidate(self, proposal: Genotype, budget: int, number: int) -> Candidate:
+        return Candidate(self.space.architecture(proposal), budget, number, self.space.policy(proposal).to_str())
+
+    def proposal(self, record: Mapping[str, Any]) -> Genotype | None:
+        text = str(record.get("proposal") or "")
+        if record.get("stage") != COMPRESS_STAGE or not text.startswith(f"{self.space.name}@"):
+            return None  # a `nas-run compress --run DIR` trial on the joint run's models
+        try:
+            return self.space.from_str(text)
+        except GenotypeError:
+            return None
+
+
+def _no_report(epoch: int, metrics: Mapping[str, float]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class JointEvaluator:
+    """Train (or reuse the trained weights of) the architecture, then compress and measure it."""
+
+    compression: CompressionEvaluator
+
+    def data(self) -> Any:
+        return self.compression.data()
+
+    def __call__(self, genotype: Genotype, budget: int, report: Reporter, policy: str = "") -> dict[str, float]:
+        trainer = self.compression._trainer()
+        path = trainer.weights_path(genotype, budget)
+        trained = 0.0
+        if path is None or not path.is_file():
+            # training reports every epoch (the float model's val_acc): early stopping decides here
+            trainer(genotype, budget, report)
+            trained = 1.0
+        metrics = self.compression(genotype, budget, _no_report, policy=policy)
+        metrics["trained"] = trained
+        metrics["epochs"] = float(budget)
+        return metrics
+
+
+class JointPlan:
+    """The `nas.search.RunPlan` of a joint run (handed to `run_search` by the CLI)."""
+
+    metrics = JOINT_METRICS
+
+    def space(self, cfg: SearchConfig, architectures: SearchSpace) -> JointSpace:
+        return JointSpace(arch_space=cfg.space, arch_options=dict(architectures.options), kind=cfg.joint_policy,
+                          **_options(cfg.joint_options))
+
+    def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
+        from .run import ARTEFACTS
+
+        return JointEvaluator(
+            CompressionEvaluator(
+                dataset=cfg.dataset,
+                artefacts_dir=str((out / ARTEFACTS).resolve()),
+                data_seed=cfg.seed,
+                standardize=True,
+                seed=cfg.seed,
+                space=cfg.space,
+                space_options=tuple(sorted(dict(architectures.options).items())),
+                weights_dir=str((out / "weights").resolve()),
+                train_epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                threads=max(1, int(cfg.cpus_per_trial)),
+            )
+        )
+
+    def rows(self, space: SearchSpace) -> JointRows:
+        assert isinstance(space, JointSpace)
+        return JointRows(space)
+
+    def parse(self, cfg: SearchConfig, architectures: SearchSpace) -> Callable[[str], Genotype]:
+        from nas.runners.ray_tune import SpaceParser
+
+        return SpaceParser(cfg.space, dict(architectures.options))
+
+    def stats_fn(self, space: SearchSpace, evaluator: Any) -> Callable[[Genotype], np.ndarray]:
+        assert isinstance(space, JointSpace)
+        trainer = evaluator.compression._trainer()
+        cache: dict[str, tuple[float, float]] = {}
+
+        def stats(g: Genotype) -> np.ndarray:
+            arch = space.architecture(g)
+            if arch.id not in cache:  # one model build per architecture, not per pair
+                m = trainer.static_metrics(arch)
+                cache[arch.id] = (float(m["params"]), float(m["flops"]))
+            params, flops = cache[arch.id]
+            kp, kf, bytes_per = space.kept_fractions(g)
+            return np.log10(1.0 + np.array([params, flops, params * kp, flops * kf, params * kp * bytes_per]))
+
+        return stats
+
+
+_OPTION_KEYS = tuple(k for k in JointSpace.default_options if k not in ("arch_space", "arch_options", "kind"))
+
+
+def _options(given: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = [k for k in given if k not in _OPTION_KEYS]
+    if unknown:
+        raise UnknownNameError("key in joint_options", unknown[0], _OPTION_KEYS)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+

@@ -118,35 +118,39 @@ class JointSpace(SearchSpace):
 
     def dimensions(self) -> Sequence[Dimension]:
         arch = list(self.architectures.dims)
-        clash = {d.name for d in arch} & {d.name for d in self.policy_dims()}
+        self._policy = tuple(self.policy_dims())  # kept: asked on every split of a genotype
+        clash = {d.name for d in arch} & {d.name for d in self._policy}
         if clash:
             raise ConfigError(f"architecture space {self.architectures.name!r} has decisions named like the policy's: {sorted(clash)}")
-        return arch + self.policy_dims()
+        return arch + list(self._policy)
 
     def _split(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        names = {d.name for d in self.architectures.dims}
-        return {k: v for k, v in values.items() if k in names}, {k: v for k, v in values.items() if k not in names}
+        """Decisions -> (architecture's, policy's)."""
+        names = {d.name for d in self._policy}
+        return {k: v for k, v in values.items() if k not in names}, {k: v for k, v in values.items() if k in names}
 
+    # A joint genotype holds the architecture genotype's own fields (whose values are always
+    # valid genotype text, unlike some spaces' flat decisions) followed by the policy's.
     def to_dims(self, g: Genotype) -> dict[str, Any]:
-        return g.as_dict()
+        _, pol = self._split(g.as_dict())
+        return {**self.architectures.to_dims(self.architecture(g)), **pol}
 
     def from_dims(self, values: Mapping[str, Any]) -> Genotype:
         arch_values, pol = self._split(values)
-        # canonical: the architecture as its space writes it, int8 settings unset when float
-        arch_values = self.architectures.to_dims(self.architectures.from_dims(arch_values))
-        if pol.get("c_int8") == "float":
+        arch = self.architectures.from_dims(arch_values)
+        if pol.get("c_int8") == "float":  # canonical: no int8 settings on a float pair
             pol["c_calibration"] = self.options["calibrations"][0]
             pol["c_granularity"] = self.options["granularities"][0]
-        merged = {**arch_values, **pol}
-        return Genotype(self.name, self.version, tuple((d.name, merged[d.name]) for d in self.dims))
+        return Genotype(self.name, self.version, arch.fields + tuple((d.name, pol[d.name]) for d in self._policy))
 
     def build(self, g: Genotype, input_shape: Sequence[int], num_classes: int) -> torch.nn.Module:
         return self.architectures.build(self.architecture(g), input_shape, num_classes)
 
     # -- the pair ------------------------------------------------------------------------------
     def architecture(self, g: Genotype) -> Genotype:
-        arch_values, _ = self._split(self.to_dims(g))
-        return self.architectures.validate(self.architectures.from_dims(arch_values))
+        names = {d.name for d in self._policy}
+        arch = tuple((k, v) for k, v in g.fields if k not in names)
+        return self.architectures.validate(Genotype(self.architectures.name, self.architectures.version, arch))
 
     def policy(self, g: Genotype) -> Policy:
         _, v = self._split(self.to_dims(self.validate(g)))
@@ -176,12 +180,12 @@ class JointSpace(SearchSpace):
     # -- surrogate features --------------------------------------------------------------------
     @property
     def encoding_size(self) -> int:
-        return self.architectures.encoding_size + sum(len(d.choices) for d in self.policy_dims())
+        return self.architectures.encoding_size + sum(len(d.choices) for d in self._policy)
 
     def encode(self, g: Genotype) -> np.ndarray:
         values = self.to_dims(g)
         parts = [self.architectures.encode(self.architecture(g))]
-        for d in self.policy_dims():
+        for d in self._policy:
             onehot = np.zeros(len(d.choices), dtype=np.float32)
             onehot[d.choices.index(values[d.name])] = 1.0
             parts.append(onehot)

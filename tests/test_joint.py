@@ -1,0 +1,204 @@
+"""Joint architecture x compression search (#10): pair encoding round-trips, every strategy that
+works on pairs proposes valid ones for every registered space, a joint run records pairs that
+`report` and `export` read unchanged, trained weights are reused across policies, and a joint
+run killed by kill -9 resumes without losing or repeating a pair."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compress.joint import JointEvaluator, JointPlan, JointRows, JointSpace
+from compress.policy import Policy
+from nas.config import SearchConfig
+from nas.search import open_store
+from nas.strategies.base import make_strategy
+from nas_run.cli import main
+from search_spaces import ConfigError, GenotypeError, UnknownNameError, get_space, list_spaces
+
+PAIR_STRATEGIES = ("random", "evolution", "surrogate", "tpe", "nsga2")
+
+
+def _joint(name: str, kind: str = "prune+int8") -> JointSpace:
+    return JointSpace(arch_space=name, arch_options=dict(get_space(name).tiny().options), kind=kind)
+
+
+@pytest.mark.parametrize("name", [i.name for i in list_spaces()])
+def test_pair_encoding_round_trips_and_validates(name):
+    space = _joint(name, "lowrank+int8" if name == "nb201" else "prune+int8")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        g = space.sample(rng)
+        assert space.from_str(g.to_str()) == g
+        arch, policy = space.architecture(g), space.policy(g)
+        assert space.architectures.from_str(arch.to_str()) == arch
+        assert Policy.from_json(policy.to_str()) == policy
+        # rebuilt from its two halves: the pair is exactly the architecture and the policy decisions
+        assert space.pair(arch, {k: v for k, v in g.as_dict().items() if k.startswith("c_")}) == g
+        assert space.encode(g).shape == (space.encoding_size,)
+        m = space.mutate(g, rng)
+        assert m != g and space.validate(m) == m
+    # float pairs are canonical: their int8 settings do not make distinct genotypes
+    g = space.sample(rng)
+    off = space.from_dims({**space.to_dims(g), "c_int8": "float", "c_calibration": "entropy"})
+    assert off.as_dict()["c_calibration"] == "minmax"
+    assert all(s.name != "int8" for s in space.policy(off).passes)
+    with pytest.raises(GenotypeError):
+        space.validate(off.replace(c_calibration="entropy"))
+
+
+def test_policy_of_a_pair_reads_its_decisions():
+    space = _joint("unireplk")
+    g = space.sample(np.random.default_rng(1))
+    g = space.from_dims({**space.to_dims(g), "c_prune": 0.5, "c_int8": "int8", "c_calibration": "percentile-99.99",
+                         "c_granularity": "per_tensor"})
+    names = [s.name for s in space.policy(g).passes]
+    assert names == ["structured", "finetune", "int8"]
+    int8 = space.policy(g).passes[-1].settings
+    assert int8["calibration"] == "percentile" and int8["percentile"] == 99.99 and int8["per_channel"] is False
+    plain = space.from_dims({**space.to_dims(g), "c_prune": 0.0, "c_int8": "float"})
+    assert space.policy(plain).to_str() == ""  # the float model as trained
+
+
+def test_bad_joint_settings_name_the_valid_choices():
+    with pytest.raises(UnknownNameError, match="prune\\+int8"):
+        _joint("unireplk", "prune+int4")
+    with pytest.raises(UnknownNameError, match="prune_ratios"):
+        JointPlan().space(SearchConfig(joint=True, joint_options={"prune_ratio": [0.1]}), get_space("unireplk").tiny())
+    with pytest.raises(ConfigError, match="prune_ratios"):
+        JointPlan().space(SearchConfig(joint=True, joint_options={"prune_ratios": [0.0, 1.5]}), get_space("unireplk").tiny())
+
+
+@pytest.mark.parametrize("strategy", PAIR_STRATEGIES)
+def test_every_pair_strategy_proposes_valid_pairs_for_every_space(strategy):
+    for info in list_spaces():
+        space = _joint(info.name)
+        strat = make_strategy(strategy, space, n_objectives=2, seed=0)
+        seen = []
+        for i in range(6):
+            g = strat.ask()
+            space.validate(g)
+            space.architectures.validate(space.architecture(g))
+            space.policy(g)
+            seen.append(g)
+            strat.tell(g, (float(-i % 3), float(i)), 0.0)
+        assert len({g.to_str() for g in seen}) >= 4, (strategy, info.name)
+
+
+def test_rows_hold_the_architecture_the_policy_and_the_proposal():
+    space = _joint("unireplk")
+    rows = JointRows(space)
+    g = space.sample(np.random.default_rng(2))
+    arch_text, arch_id, policy = rows.row(g)
+    assert arch_text == space.architecture(g).to_str() and arch_id == space.architecture(g).id
+    assert policy == space.policy(g).to_str()
+    record = {"stage": "compress", "genotype": arch_text, "policy": policy, "proposal": g.to_str()}
+    assert rows.proposal(record) == g
+    assert rows.proposal({**record, "proposal": None}) is None  # a `compress --run` trial
+    assert rows.proposal({**record, "stage": "search"}) is None
+
+
+def _joint_cmd(out: Path, trials: int, strategy: str = "random", *extra: str) -> list[str]:
+    return ["search", "--joint", "--space", "unireplk", "--dataset", "digits", "--strategy", strategy,
+            "--trials", str(trials), "--epochs", "1", "--out", str(out), "--quiet", *extra]
+
+
+def test_joint_run_records_pairs_that_report_and_export_read(tmp_path):
+    out = tmp_path / "joint"
+    assert main(_joint_cmd(out, 4, "surrogate", "--joint-policy", "prune+int8")) == 0
+    df = open_store(out).dataframe()
+    assert len(df) == 4 and df.stage.eq("compress").all() and df.proposal.str.startswith("joint@1|").all()
+    done = df[df.status == "complete"]
+    assert len(done) == 4
+    for col in ("val_acc", "onnx_latency_ms", "file_bytes", "base_onnx_latency_ms", "trained"):
+        assert done[col].notna().all(), col
+    assert (out / "pareto.csv").is_file()
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.html").stat().st_size > 0
+    # export's default: the best pair (int8 or float: onnx-int8 takes either); any pair by number
+    assert main(["export", str(out), "--format", "onnx-int8", "--out", str(tmp_path / "best.onnx")]) == 0
+    for n, policy in zip(done.number, done.policy, strict=True):
+        fmt = "onnx-int8" if '"int8"' in policy else "onnx"
+        assert main(["export", str(out), "--trial", str(n), "--format", fmt, "--out", str(tmp_path / f"{n}.onnx")]) == 0
+    assert main(["show", str(out)]) == 0
+
+
+def test_a_trained_architecture_is_compressed_again_without_training(tmp_path):
+    cfg = SearchConfig(space="unireplk", dataset="digits", epochs=1, joint=True)
+    arch_space = get_space("unireplk").tiny()
+    plan = JointPlan()
+    space = plan.space(cfg, arch_space)
+    evaluator: JointEvaluator = plan.evaluator(cfg, tmp_path, arch_space)
+    g = space.sample(np.random.default_rng(3))
+    arch = space.architecture(g)
+    epochs: list[int] = []
+    first = evaluator(arch, 1, lambda e, m: epochs.append(e), policy="")
+    int8 = space.policy(space.from_dims({**space.to_dims(g), "c_prune": 0.0, "c_int8": "int8"})).to_str()
+    second = evaluator(arch, 1, lambda e, m: epochs.append(e), policy=int8)
+    assert first["trained"] == 1.0 and second["trained"] == 0.0
+    assert epochs == [1]  # only the first trial trained (and reported its epoch)
+    assert second["base_val_acc"] == pytest.approx(first["base_val_acc"])  # the same trained model
+    assert second["file_bytes"] < first["file_bytes"]
+
+
+def _finished(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_joint_run_killed_by_sigkill_resumes_without_losing_or_repeating(tmp_path):
+    trials = 6
+    ref = tmp_path / "ref"
+    assert main(_joint_cmd(ref, trials, "evolution")) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nas_run", *_joint_cmd(out, trials, "evolution")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and _finished(out / "study.db") < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert main(["search", "--resume", str(out), "--quiet"]) == 0
+    rows, want = open_store(out).dataframe(), open_store(ref).dataframe()
+    done, want_done = rows[rows.status == "complete"], want[want.status == "complete"]
+    assert len(done) == trials and done.proposal.nunique() == trials  # nothing lost, nothing twice
+    # the same pairs as the uninterrupted run, in the same order: the strategy's state resumed
+    assert list(done.proposal) == list(want_done.proposal)
+
+
+def test_joint_user_errors_exit_2(tmp_path, capsys):
+    cases = [
+        _joint_cmd(tmp_path / "a", 2, "random", "--joint-policy", "prune+int4"),
+        _joint_cmd(tmp_path / "b", 2, "random", "--objectives", "val_acc,paramz"),
+    ]
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip(), argv
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_joint_run_on_ray_with_mo_asha_records_every_pair(tmp_path):
+    out = tmp_path / "ray"
+    argv = ["search", "--joint", "--space", "unireplk", "--dataset", "digits", "--strategy", "random",
+            "--trials", "4", "--epochs", "2", "--out", str(out), "--quiet", "--runner", "ray",
+            "--max-concurrent", "2", "--scheduler", "mo-asha"]
+    assert main(argv) == 0
+    df = open_store(out).dataframe()
+    finished = df[df.status.isin(["complete", "stopped"])]
+    assert len(finished) == 4 and finished.proposal.nunique() == 4
+    assert df.stage.eq("compress").all()

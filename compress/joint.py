@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nas.strategies.base import Strategy
 from nas.trial import Candidate, Reporter
 from search_spaces import (
     ConfigError,
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
     from nas.config import SearchConfig
 
-__all__ = ["JOINT_METRICS", "JointEvaluator", "JointPlan", "JointRows", "JointSpace"]
+__all__ = ["JOINT_METRICS", "JointEvaluator", "JointPlan", "JointRows", "JointSpace", "ReuseTrained"]
 
 JOINT_SPACE = "joint"
 # what a joint trial reports: the compression metrics, and whether it trained its architecture
@@ -239,6 +240,96 @@ class JointRows:
             return None
 
 
+class ReuseTrained(Strategy):
+    """Any strategy over a `JointSpace`, made to reuse trained weights: once a pair with a new
+    architecture has run, the next asks include ``per_architecture - 1`` other policies on that
+    same architecture — compression only, no training — chosen by the inner strategy's `rank`
+    where it has one (the XGBoost surrogate predicts which policy suits this architecture), else
+    at random. Everything is told to the inner strategy, so it learns from every pair.
+
+    Follow-ups wait until the architecture's first pair has finished (and are dropped if it
+    failed): under Ray, two trials of one untrained architecture would both train it."""
+
+    def __init__(self, inner: Strategy, per_architecture: int = 3):
+        if not isinstance(inner.space, JointSpace):
+            raise TypeError("ReuseTrained searches a JointSpace")
+        super().__init__(inner.space, inner.n_objectives, inner.seed)
+        self.inner, self.per_architecture = inner, max(1, int(per_architecture))
+        self.name = inner.name  # the store's strategy column names the search, not the wrapper
+        self.tried: dict[str, int] = {}  # architecture text -> pairs asked on it
+        self.ready: list[str] = []  # architectures whose first pair ran: follow-ups may go
+        self.told_archs: set[str] = set()
+
+    @property
+    def jspace(self) -> JointSpace:
+        assert isinstance(self.space, JointSpace)
+        return self.space
+
+    def ask(self) -> Genotype:
+        while self.ready:
+            arch_text = self.ready[0]
+            follow = self._follow_up(arch_text)
+            if follow is None or self.tried[arch_text] + 1 >= self.per_architecture:
+                self.ready.pop(0)  # its last follow-up (or none left)
+            if follow is not None:
+                self.tried[arch_text] += 1
+                self.inner.asked.append(follow.to_str())
+                self.asked.append(follow.to_str())
+                return follow
+        g = self.inner.ask()
+        arch_text = self.jspace.architecture(g).to_str()
+        self.tried[arch_text] = self.tried.get(arch_text, 0) + 1
+        self.asked.append(g.to_str())
+        return g
+
+    def _follow_up(self, arch_text: str) -> Genotype | None:
+        import itertools
+
+        space = self.jspace
+        arch = space.architectures.from_str(arch_text)
+        asked = set(self.inner.asked)
+        dims = list(space._policy)
+        options = []
+        for values in itertools.product(*(d.choices for d in dims)):
+            g = space.pair(arch, dict(zip((d.name for d in dims), values, strict=True)))
+            if g.to_str() not in asked and g not in options:
+                options.append(g)
+        if not options:
+            return None
+        rank = getattr(self.inner, "rank", None)
+        if rank is not None:
+            return rank(options)[0]
+        return options[int(self.rng.integers(len(options)))]
+
+    def tell(self, genotype: Genotype, losses: Sequence[float] | None, violation: float = 0.0) -> None:
+        self.inner.tell(genotype, losses, violation)
+        self.history = self.inner.history
+        arch_text = self.jspace.architecture(genotype).to_str()
+        self.tried.setdefault(arch_text, 1)
+        first = arch_text not in self.told_archs
+        self.told_archs.add(arch_text)
+        if first and losses is not None and self.tried[arch_text] < self.per_architecture:
+            self.ready.append(arch_text)
+
+    def _propose(self) -> Genotype:  # ask is overridden: never called
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.name, "reuse": {"inner": self.inner.state_dict(), "tried": self.tried,
+                "ready": list(self.ready), "told": sorted(self.told_archs), "asked": list(self.asked),
+                "rng": self.rng.bit_generator.state}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        reuse = state["reuse"]
+        self.inner.load_state_dict(reuse["inner"])
+        self.history = self.inner.history
+        self.tried = {str(k): int(v) for k, v in reuse["tried"].items()}
+        self.ready = list(reuse["ready"])
+        self.told_archs = set(reuse["told"])
+        self.asked = list(reuse["asked"])
+        self.rng.bit_generator.state = reuse["rng"]
+
+
 def _no_report(epoch: int, metrics: Mapping[str, float]) -> None:
     return None
 
@@ -272,8 +363,16 @@ class JointPlan:
     metrics = JOINT_METRICS
 
     def space(self, cfg: SearchConfig, architectures: SearchSpace) -> JointSpace:
+        options = _options(cfg.joint_options)
+        options.pop(PER_ARCHITECTURE, None)
         return JointSpace(arch_space=cfg.space, arch_options=dict(architectures.options), kind=cfg.joint_policy,
-                          **_options(cfg.joint_options))
+                          **options)
+
+    def strategy(self, cfg: SearchConfig, strategy: Strategy) -> Strategy:
+        per = cfg.joint_options.get(PER_ARCHITECTURE, DEFAULT_PER_ARCHITECTURE)
+        if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+            raise ConfigError(f"joint_options.{PER_ARCHITECTURE} must be an integer >= 1, got {per!r}")
+        return ReuseTrained(strategy, per) if per > 1 else strategy
 
     def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
         from .run import ARTEFACTS
@@ -321,7 +420,11 @@ class JointPlan:
         return stats
 
 
-_OPTION_KEYS = tuple(k for k in JointSpace.default_options if k not in ("arch_space", "arch_options", "kind"))
+# pairs tried per trained architecture (1: every pair trains its own; see `ReuseTrained`)
+PER_ARCHITECTURE = "policies_per_architecture"
+DEFAULT_PER_ARCHITECTURE = 3
+_OPTION_KEYS = (*(k for k in JointSpace.default_options if k not in ("arch_space", "arch_options", "kind")),
+                PER_ARCHITECTURE)
 
 
 def _options(given: Mapping[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class RunPlan(Protocol):
         """Cheap statistics of a proposal for the surrogate (None: none)."""
         ...
 
+    def strategy(self, cfg: SearchConfig, strategy: Any) -> Any:
+        """The strategy the controller drives (e.g. ``strategy`` wrapped to reuse trained weights)."""
+        ...
+
 
 @dataclass
 class SearchRun:
@@ -249,6 +253,8 @@ def prepare_run(
         if stats is not None:
             options.setdefault("stats_fn", stats)
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
+    if plan is not None:
+        strategy = plan.strategy(cfg, strategy)
 
     created = not out.exists()
     try:
@@ -332,6 +338,7 @@ def run_search(
                 reduction_factor=cfg.reduction_factor,
                 storage_path=str((run.out / "ray").resolve()),
                 on_result=on_result,
+                max_retries=cfg.max_retries,
             )
         else:
             from .runners.local import run_local

@@ -5,6 +5,7 @@ run killed by kill -9 resumes without losing or repeating a pair."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -202,3 +203,46 @@ def test_joint_run_on_ray_with_mo_asha_records_every_pair(tmp_path):
     finished = df[df.status.isin(["complete", "stopped"])]
     assert len(finished) == 4 and finished.proposal.nunique() == 4
     assert df.stage.eq("compress").all()
+
+
+@pytest.mark.parametrize("inner", ["random", "surrogate"])
+def test_reuse_tries_more_policies_on_a_trained_architecture(inner):
+    from compress.joint import ReuseTrained
+
+    space = _joint("unireplk")
+    strat = ReuseTrained(make_strategy(inner, space, n_objectives=2, seed=0, **({"n_init": 2} if inner == "surrogate" else {})), 3)
+    asked = []
+    for i in range(12):
+        g = strat.ask()
+        asked.append(g)
+        failed = i == 0  # the first architecture fails: no follow-up on it
+        strat.tell(g, None if failed else (float(i % 4), float(-i)), 0.0)
+    archs = [space.architecture(g).to_str() for g in asked]
+    assert len({g.to_str() for g in asked}) == 12  # no pair twice
+    assert archs.count(archs[0]) == 1
+    counts = {a: archs.count(a) for a in archs}
+    assert max(counts.values()) == 3 and sum(c == 3 for c in counts.values()) >= 3
+    # a follow-up comes right after its architecture's first pair was told (one at a time here)
+    assert archs[1] != archs[0] and archs[2] == archs[1] and archs[3] == archs[1]
+    # the state round-trips: a restored copy asks exactly what the original asks next
+    copy = ReuseTrained(make_strategy(inner, space, n_objectives=2, seed=0, **({"n_init": 2} if inner == "surrogate" else {})), 3)
+    copy.load_state_dict(json.loads(json.dumps(strat.state_dict())))
+    assert [copy.ask().to_str() for _ in range(3)] == [strat.ask().to_str() for _ in range(3)]
+
+
+def test_joint_run_trains_fewer_models_than_it_evaluates(tmp_path):
+    out = tmp_path / "reuse"
+    assert main(_joint_cmd(out, 6, "random")) == 0
+    done = open_store(out).dataframe().query("status == 'complete'")
+    assert len(done) == 6 and done.proposal.nunique() == 6
+    assert done.trained.sum() == 2  # 3 policies per trained architecture
+    assert done.groupby("genotype").size().eq(3).all()
+    assert main(_joint_cmd(tmp_path / "plain", 3, "random", "--config", str(_toml(tmp_path)))) == 0
+    plain = open_store(tmp_path / "plain").dataframe()
+    assert plain.trained.sum() == 3  # policies_per_architecture = 1: each pair trains its own
+
+
+def _toml(tmp_path: Path) -> Path:
+    path = tmp_path / "joint.toml"
+    path.write_text("[joint_options]\npolicies_per_architecture = 1\n")
+    return path

@@ -133,19 +133,10 @@ class SurrogateGuided(Strategy):
         if len(self.history) < self.n_init:  # failed trials count: they are data too
             return self.space.sample(self.rng)
         done = self.finished()
-        losses = np.array([y for _, y, _ in done], dtype=np.float64).reshape(len(done), self.n_objectives)
-        violation = np.array([v for _, _, v in done], dtype=np.float64)
-        m = self.n_objectives
-        weights = self.rng.dirichlet(np.ones(m)) if m > 1 else np.ones(1)
-
-        # parents: the best under this ask's weights (single objective: simply the best)
-        norm = np.zeros_like(losses)
+        norm, violation, weights = self._normalised(done)
         parents: list[Genotype] = []
-        if done:
-            lo, hi = losses.min(0), losses.max(0)
-            scale = np.where(hi > lo, hi - lo, 1.0)
-            norm = (losses - lo) / scale
-            order = constrained_order(norm, violation, weights=weights if m > 1 else np.ones(1))
+        if done:  # the best under this ask's weights (single objective: simply the best)
+            order = constrained_order(norm, violation, weights=weights)
             parents = [done[int(i)][0] for i in order[: self.n_parents]]
 
         cands, p_run = self._feasible(self._candidates(parents), with_stats=False)
@@ -159,6 +150,34 @@ class SurrogateGuided(Strategy):
             cands, _ = self._feasible([cands[int(i)] for i in top], with_stats=True)
             score = self._score(done, cands, norm, violation, weights, with_stats=True)
         return cands[int(np.argmin(score))]
+
+    def _normalised(self, done: list[tuple[Genotype, tuple[float, ...], float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Min-max normalised losses of the finished trials, their violations, and this ask's
+        random ParEGO weights (one objective: weight 1)."""
+        losses = np.array([y for _, y, _ in done], dtype=np.float64).reshape(len(done), self.n_objectives)
+        violation = np.array([v for _, _, v in done], dtype=np.float64)
+        m = self.n_objectives
+        weights = self.rng.dirichlet(np.ones(m)) if m > 1 else np.ones(1)
+        norm = np.zeros_like(losses)
+        if done:
+            lo, hi = losses.min(0), losses.max(0)
+            norm = (losses - lo) / np.where(hi > lo, hi - lo, 1.0)
+        return norm, violation, weights
+
+    def rank(self, cands: list[Genotype]) -> list[Genotype]:
+        """Given candidates, best first by the acquisition an ask would use (feasibility gate,
+        LCB, ParEGO weights drawn now); as given while there is too little data for a model.
+        For callers that choose among a fixed set, e.g. which policies to try next on an
+        architecture already trained (`compress.joint`)."""
+        done = self.finished()
+        if len(done) < 2 or not cands:
+            return list(cands)
+        norm, violation, weights = self._normalised(done)
+        stats = self.stats_fn is not None
+        kept, _ = self._feasible(list(cands), with_stats=stats)
+        score = self._score(done, kept, norm, violation, weights, with_stats=stats)
+        ranked = [kept[int(i)] for i in np.argsort(score, kind="stable")]
+        return ranked + [g for g in cands if g not in ranked]  # gated-out ones last
 
     def _feasible(self, cands: list[Genotype], with_stats: bool) -> tuple[list[Genotype], np.ndarray | None]:
         """The candidates the feasibility model expects to run (at least ``min_feasible``, else

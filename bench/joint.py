@@ -1,0 +1,196 @@
+"""Joint architecture x compression search against the sequential baseline (search, then
+compress the top-k), at equal number of trained models and at equal wall-clock.
+
+* joint: ``nas-run search --joint`` (XGBoost surrogate over (architecture, policy) pairs,
+  objectives val_acc, ORT latency and file size after compression), ``--trials`` pairs;
+* sequential: ``nas-run search`` (the same surrogate over architectures, objectives val_acc and
+  float ORT latency) with as many trials as the joint run trained models, then
+  ``nas-run compress --run DIR --top-k K`` with the policies the joint space can express most
+  often used (no compression, pruning 0.3 / 0.5 with KD fine-tuning, each with and without int8).
+
+Fronts are compared by 2-D hypervolume, (1 - val_acc) against ORT latency and against the file
+size, each normalised by a reference point common to both methods of a (data set, seed):
+1.1 x the largest latency / size either method measured, accuracy 0. The sequential point set
+holds its compressed models and its float search trials (they are shippable models too); the
+joint one its pairs. "Equal wall-clock" truncates the longer method at the shorter one's time
+(trials that completed by then). "Not reached" counts joint front points (latency) that no
+sequential point dominates.
+
+    python bench/joint.py                         # mnist1d and digits, 3 seeds: ~1-2 h on 2 cores
+    python bench/joint.py --datasets mnist1d --seeds 0 --trials 8 --epochs 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "results"
+JOINT_OBJECTIVES = ("val_acc", "onnx_latency_ms", "file_bytes")
+SEQUENTIAL_OBJECTIVES = ("val_acc", "onnx_latency_ms")
+
+
+def sequential_policies(finetune: dict[str, Any]) -> list[str]:
+    """What the sequential baseline tries on each of its top-k: the joint space's common points."""
+    from compress.policy import Policy
+
+    int8 = ("int8", {"format": "qoperator", "calibration": "minmax", "per_channel": True})
+    out = [Policy.of(), Policy.of(int8)]
+    for ratio in (0.3, 0.5):
+        prune = ("structured", {"ratio": ratio, "importance": "l1", "round_to": 1})
+        out += [Policy.of(prune, ("finetune", finetune)), Policy.of(prune, ("finetune", finetune), int8)]
+    return [p.to_str() for p in out]
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_joint(args: argparse.Namespace, dataset: str, seed: int) -> Path:
+    from compress.joint import JointPlan
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    out = args.work / f"joint-{dataset}-s{seed}"
+    if (out / "pareto.csv").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=args.trials,
+                       epochs=args.epochs, seed=seed, joint=True, objectives=JOINT_OBJECTIVES, out=str(out))
+    wall = _timed(lambda: run_search(cfg, plan=JointPlan()))
+    (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    return out
+
+
+def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: int) -> Path:
+    from compress.joint import JointSpace
+    from compress.run import CompressConfig, run_compress
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    out = args.work / f"sequential-{dataset}-s{seed}"
+    if (out / "compress.csv").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=trained,
+                       epochs=args.epochs, seed=seed, objectives=SEQUENTIAL_OBJECTIVES, out=str(out))
+    finetune = dict(JointSpace.default_options["finetune"])
+    wall = _timed(lambda: run_search(cfg))
+    wall += _timed(lambda: run_compress(CompressConfig(run=str(out), top_k=args.top_k,
+                                                       policies=tuple(sequential_policies(finetune)))))
+    (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    return out
+
+
+def points(out: Path, joint: bool, until_s: float | None = None) -> tuple[np.ndarray, int]:
+    """(val_acc, onnx_latency_ms, file_bytes) of the run's completed models (NaN where a model
+    has no such measurement), optionally only those completed within ``until_s`` of the start;
+    and how many models it trained by then."""
+    from nas.search import open_store
+
+    recs = open_store(out, read_only=True).records()
+    start = min(r["datetime_start"] for r in recs if r["datetime_start"] is not None)
+    rows, trained = [], 0
+    for r in recs:
+        if r["status"] != "complete":
+            continue
+        if until_s is not None and (r["datetime_complete"] - start).total_seconds() > until_s:
+            continue
+        m = r["metrics"]
+        trained += int(m.get("trained", 0) == 1.0) if joint else int(r["stage"] == "search")
+        rows.append([m.get("val_acc", np.nan), m.get("onnx_latency_ms", np.nan), m.get("file_bytes", np.nan)])
+    return np.array(rows, dtype=float).reshape(-1, 3), trained
+
+
+def hv(pts: np.ndarray, col: int, ref: float) -> float:
+    from nas.pareto import hypervolume_2d
+
+    ok = np.isfinite(pts[:, 0]) & np.isfinite(pts[:, col])
+    losses = np.stack([1.0 - pts[ok, 0], pts[ok, col] / ref], axis=1)
+    return hypervolume_2d(losses, np.array([1.0, 1.0]))
+
+
+def not_reached(joint: np.ndarray, seq: np.ndarray, col: int) -> int:
+    """Joint front points (accuracy vs column ``col``) that no sequential point dominates."""
+    from nas.pareto import pareto_mask
+
+    def clean(p: np.ndarray) -> np.ndarray:
+        p = p[np.isfinite(p[:, 0]) & np.isfinite(p[:, col])]
+        return np.stack([-p[:, 0], p[:, col]], axis=1)
+
+    j, s = clean(joint), clean(seq)
+    front = j[pareto_mask(j, np.ones(len(j), dtype=bool))] if len(j) else j
+    return int(sum(not any((q <= f).all() and (q < f).any() for q in s) for f in front))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--trials", type=int, default=20, help="joint pairs per run")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=ROOT / "results" / "joint_runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "joint.md")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    header = ("| data set | seed | method | trained | pairs | wall s | HV acc-lat | HV acc-size "
+              "| HV acc-lat, equal wall-clock | HV acc-size, equal wall-clock | joint front points not reached |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    wins = {"lat": 0, "size": 0, "lat_wall": 0, "size_wall": 0}
+    runs = 0
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            j_out = run_joint(args, dataset, seed)
+            j_pts, j_trained = points(j_out, joint=True)
+            s_out = run_sequential(args, dataset, seed, max(1, j_trained))
+            s_pts, s_trained = points(s_out, joint=False)
+            j_wall = float((j_out / "wall_s.txt").read_text())
+            s_wall = float((s_out / "wall_s.txt").read_text())
+            both = np.concatenate([j_pts, s_pts])
+            ref_lat = 1.1 * np.nanmax(both[:, 1])
+            ref_size = 1.1 * np.nanmax(both[:, 2])
+            t = min(j_wall, s_wall)
+            j_cut, _ = points(j_out, joint=True, until_s=t)
+            s_cut, _ = points(s_out, joint=False, until_s=t)
+            row = {}
+            for name, pts, cut, trained, wall in (("joint", j_pts, j_cut, j_trained, j_wall),
+                                                  ("sequential", s_pts, s_cut, s_trained, s_wall)):
+                row[name] = (hv(pts, 1, ref_lat), hv(pts, 2, ref_size), hv(cut, 1, ref_lat), hv(cut, 2, ref_size))
+                reach = str(not_reached(j_pts, s_pts, 1)) if name == "joint" else ""
+                lines.append(f"| {dataset} | {seed} | {name} | {trained} | {len(pts)} | {wall:.0f} | "
+                             + " | ".join(f"{v:.4f}" for v in row[name]) + f" | {reach} |")
+            for key, i in (("lat", 0), ("size", 1), ("lat_wall", 2), ("size_wall", 3)):
+                wins[key] += row["joint"][i] >= row["sequential"][i]
+            runs += 1
+            print("\n".join(lines[-2:]), flush=True)
+
+    summary = (f"joint >= sequential on {wins['lat']}/{runs} (acc-latency), {wins['size']}/{runs} (acc-size) "
+               f"at equal trained models; {wins['lat_wall']}/{runs} and {wins['size_wall']}/{runs} at equal wall-clock")
+    cmd = "python bench/joint.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        "# Joint architecture x compression search vs sequential (search, then compress top-k)", "",
+        f"Command: `{cmd.strip()}`; space unireplk (tiny), surrogate strategy, {args.epochs} training epochs, "
+        f"joint {args.trials} pairs; sequential: as many architectures as the joint run trained, then top-{args.top_k} "
+        f"x {len(sequential_policies({'epochs': 2}))} policies. Machine: 2 CPU cores. Written {time.strftime('%Y-%m-%d')}.",
+        "", *lines, "", summary, "",
+    ])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"\n{summary}\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ running are marked failed ("interrupted") by the store and run again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from nas.controller import uses_evaluation
 from nas.store import RunStore
@@ -41,6 +41,10 @@ class CompressionController:
         self.parse = parse  # genotype text -> genotype, shipped to Ray workers
         self.strategy_name = strategy_name
         self.in_flight: dict[int, Candidate] = {}
+        # (genotype text, policy) -> times run again after a lost worker; in memory only: a
+        # resumed run reruns an interrupted candidate anyway (see the module docstring), and
+        # at worst grants it max_retries more tries
+        self.retries: dict[tuple[str, str], int] = {}
         self.store.interrupted(stages=(COMPRESS_STAGE,))  # marked failed; run again below
         done = {
             (r["genotype"], r["policy"])
@@ -81,3 +85,29 @@ class CompressionController:
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
         self.store.finish(candidate, result)
         self.in_flight.pop(candidate.number, None)
+
+    def retries_used(self, candidate: Candidate) -> int:
+        return self.retries.get((candidate.genotype.to_str(), candidate.policy), 0)
+
+    def retry(
+        self,
+        candidate: Candidate,
+        reason: str,
+        *,
+        max_retries: int = 2,
+        history: Sequence[Mapping[str, float]] = (),
+        duration_s: float = 0.0,
+    ) -> bool:
+        """As `SearchController.retry`: the trial was lost to the infrastructure; its row is
+        recorded "interrupted: <reason>" (not counted, so a resume would run it again too) and
+        the candidate goes first in line, up to ``max_retries`` times, then it is a failure."""
+        key = (candidate.genotype.to_str(), candidate.policy)
+        used = self.retries.get(key, 0)
+        if used >= max_retries:
+            self.finish(candidate, TrialResult("failed", {}, tuple(history), reason, duration_s))
+            return False
+        self.retries[key] = used + 1
+        self.todo.insert(0, (candidate.genotype, candidate.policy))
+        lost = TrialResult("failed", {}, tuple(history), f"interrupted: {reason}", duration_s)
+        self.finish(candidate, lost)
+        return True

@@ -108,6 +108,14 @@ class ControllerChain:
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
         self._owner.pop(candidate.number).finish(candidate, result)
 
+    def retries_used(self, candidate: Candidate) -> int:
+        return self._owner[candidate.number].retries_used(candidate)
+
+    def retry(self, candidate: Candidate, reason: str, **options: Any) -> bool:
+        """`SearchController.retry` on the controller that opened ``candidate``; its requeued
+        proposal comes back from that controller's `next`."""
+        return self._owner.pop(candidate.number).retry(candidate, reason, **options)
+
 
 def policy_space_for(
     out: Path, architecture: Genotype, load: Callable[[], tuple[Any, Any]], data: Any, kind: str,

@@ -88,6 +88,7 @@ class CompressConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int = 2
+    max_retries: int = 2  # Ray: re-runs of a trial whose worker or node died (not the candidate's fault)
     ray_address: str | None = None
     # policy search (instead of a fixed list): a strategy, evaluations per architecture, the
     # family of policies searched (`compress.policy_space.KINDS`) and constraints on its metrics
@@ -107,6 +108,8 @@ class CompressConfig:
             raise ConfigError("--model needs --dataset (the data to calibrate, fine-tune and measure on) and --out DIR")
         if self.run is not None and self.weights is not None:
             raise ConfigError("--weights goes with --model; a run's weights are in its folder")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries}")
         if self.top_k < 1 or self.finetune_epochs < 0 or self.calib_size < 1 or self.finetune_lr <= 0:
             raise ConfigError(
                 f"top_k and calib_size must be >= 1, finetune_epochs >= 0 and finetune_lr > 0, got "
@@ -260,7 +263,10 @@ class CompressRun:
 def _top_candidates(store: RunStore, k: int) -> list[str]:
     """The run's Pareto front of finished architecture trials (feasible, non-dominated), best
     first on the primary objective; the first ``k``."""
-    recs = [r for r in store.records() if r.get("stage") in ("search", None) and r["status"] == "complete"]
+    records = store.records()
+    recs = [r for r in records if r.get("stage") in ("search", None) and r["status"] == "complete"]
+    if not recs:  # a joint run: its (architecture, policy) pairs, best pair of each architecture first
+        recs = [r for r in records if str(r.get("proposal") or "").startswith("joint@") and r["status"] == "complete"]
     recs = [r for r in recs if losses(store.objectives, r["metrics"]) is not None]
     if not recs:
         raise ConfigError("the run has no completed trials to compress yet")
@@ -268,8 +274,10 @@ def _top_candidates(store: RunStore, k: int) -> list[str]:
     feasible = np.array([not (r.get("violation") or 0) > 0 for r in recs])
     mask = pareto_mask(arr, feasible)
     front = [r for r, m in zip(recs, mask, strict=True) if m]
+    if not front:
+        raise ConfigError(f"the run has no completed trial that meets its constraints {[str(c) for c in store.constraints]}")
     front.sort(key=lambda r: tuple(arr[recs.index(r)]))  # losses: best primary objective first
-    return [r["genotype"] for r in front[:k]]
+    return list(dict.fromkeys(r["genotype"] for r in front))[:k]  # a joint front may hold one twice
 
 
 def prepare_compress(config: CompressConfig | None = None, resume: str | Path | None = None) -> CompressRun:
@@ -492,6 +500,7 @@ def run_compress(
                 storage_path=str((run.out / "ray-compress").resolve()),
                 parse=run.controller.parse,
                 on_result=on_result,
+                max_retries=cfg.max_retries,
             )
         else:
             from nas.runners.local import run_local

@@ -55,6 +55,8 @@ class SearchConfig:
     scheduler: str = "auto"  # auto: ASHA for one objective, MO-ASHA for several
     grace_period: int = 1
     reduction_factor: int = 2
+    # Ray: times a trial lost to a dead worker or node is run again before it counts as failed
+    max_retries: int = 2
     # where results go
     out: str | None = None  # default: results/<space>-<dataset>-<strategy>-<time>
     storage: str | None = None  # any SQLAlchemy URL; default: sqlite:///<out>/study.db
@@ -65,6 +67,8 @@ class SearchConfig:
         _positive("batch_size", self.batch_size)
         _positive("max_concurrent", self.max_concurrent)
         _positive("grace_period", self.grace_period)
+        if type(self.max_retries) is not int or self.max_retries < 0:  # bool is an int, not a count
+            raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
         if self.reduction_factor < 2:
             raise ConfigError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
         if self.lr <= 0:

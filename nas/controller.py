@@ -108,6 +108,8 @@ class SearchController:
         self._proposals: dict[int, Genotype] = {}  # trial number -> what the strategy proposed
         self.told: set[int] = set()
         self.requeued: list[Genotype] = []
+        # proposal text -> times its trial was lost to the infrastructure and run again (`retry`)
+        self.retries: dict[str, int] = {}
         self.resumed_told = 0
         self.exhausted = False  # the strategy has nothing left to propose (a finished grid)
         self._resume()
@@ -118,6 +120,7 @@ class SearchController:
             saved = json.loads(self.state_path.read_text())
             self.strategy.load_state_dict(saved["strategy"])
             self.told = set(saved["told"])
+            self.retries = {str(k): int(v) for k, v in saved.get("retries", {}).items()}
         else:
             saved = {}
         interrupted = self.store.interrupted(stages=self.rows.stages)
@@ -176,6 +179,7 @@ class SearchController:
             "told": sorted(self.told),
             "requeued": [g.to_str() for g in todo],
             "rows": self._rows,  # store rows when saved: tells resume whether `pending` was opened
+            "retries": self.retries,
         }
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)  # atomic: a kill never leaves half a file
@@ -262,6 +266,50 @@ class SearchController:
         self._counted += uses_evaluation(result.status, result.error)
         self._tell(candidate.number, proposal, result.status, result.metrics, violation)
         self._save()
+
+    def retries_used(self, candidate: Candidate) -> int:
+        """How many times the proposal behind ``candidate`` was already run again by `retry`."""
+        proposal = self._proposals.get(candidate.number, candidate.genotype)
+        return self.retries.get(proposal.to_str(), 0)
+
+    def retry(
+        self,
+        candidate: Candidate,
+        reason: str,
+        *,
+        max_retries: int = 2,
+        history: Sequence[Mapping[str, float]] = (),
+        duration_s: float = 0.0,
+    ) -> bool:
+        """The trial of ``candidate`` was lost to the infrastructure (its worker or node died),
+        not failed by the candidate: record its row as failed with an error "interrupted:
+        <reason>", which does not count toward the run's trials (`uses_evaluation`) and is not
+        told to the strategy, and run the same proposal again, before any new one. After
+        ``max_retries`` such retries of one proposal it is recorded as a counted failure with
+        ``reason`` (a candidate that kills every worker it runs on, e.g. a segfault, cannot be
+        told from a lost worker; it must not loop forever). True if it will run again.
+
+        Resume stays exact: the requeued proposal, the retry count and the row's "told" mark
+        are saved before the row is written. A kill before the write leaves the row running
+        (the store marks it interrupted on resume and the saved requeue is deduplicated against
+        it); a kill after it finds the row finished, not counted, and the proposal requeued."""
+        proposal = self._proposals.get(candidate.number, candidate.genotype)
+        key = proposal.to_str()
+        used = self.retries.get(key, 0)
+        if used >= max_retries:
+            self.finish(candidate, TrialResult("failed", {}, tuple(history), reason, duration_s))
+            return False
+        self.retries[key] = used + 1
+        self.told.add(candidate.number)  # its row is bookkeeping, not a result to learn from
+        if proposal in self.requeued:
+            self.requeued.remove(proposal)
+        self.requeued.insert(0, proposal)  # first in line: it was started before anything queued
+        self._save()
+        error = f"interrupted: {reason}"
+        self.store.finish(candidate, TrialResult("failed", {}, tuple(history), error, duration_s))
+        self.in_flight.pop(candidate.number, None)
+        self._proposals.pop(candidate.number, None)
+        return True
 
     def _tell(
         self, number: int, g: Genotype, status: str, metrics: Mapping[str, float], violation: float

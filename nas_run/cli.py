@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, help="Ray: trials running at once")
     s.add_argument("--ray-address", help="join an existing Ray cluster (started by `ray start --head`)")
     s.add_argument("--scheduler", help="Ray early stopping: auto, asha, mo-asha or none")
+    s.add_argument(
+        "--max-retries",
+        metavar="N",
+        help="Ray: run a trial whose worker or node died again up to N times (default 2), then count it failed",
+    )  # read as text: a bad N is one error line (exit 2), not argparse's usage screen
     s.add_argument("--seed", type=int)
     s.add_argument("--out", metavar="DIR", help="run folder (default results/<space>-<dataset>-...)")
     s.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://... (default: SQLite in DIR)")
@@ -144,6 +149,13 @@ def _search(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+    if args.max_retries is not None:
+        try:
+            settings["max_retries"] = int(args.max_retries)
+        except ValueError:
+            from search_spaces import ConfigError
+
+            raise ConfigError(f"--max-retries must be an integer >= 0, got {args.max_retries!r}") from None
     if args.constraint:
         settings["constraints"] = list(args.constraint)
     if args.full_size:

@@ -54,6 +54,7 @@ def add_compress_parser(sub: Any) -> None:
     c.add_argument("--cpus-per-trial", type=float)
     c.add_argument("--gpus-per-trial", type=float)
     c.add_argument("--max-concurrent", type=int)
+    c.add_argument("--max-retries", type=int, help="Ray: re-runs of a trial whose worker or node died (default 2)")
     c.add_argument("--ray-address")
     c.add_argument("--seed", type=int)
     c.add_argument("--calib-size", type=int, help="calibration samples held out of the training split")
@@ -93,7 +94,7 @@ def compress_command(args: argparse.Namespace) -> int:
         return 0
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
-                "gpus_per_trial", "max_concurrent", "ray_address", "seed", "calib_size", "finetune_epochs",
+                "gpus_per_trial", "max_concurrent", "max_retries", "ray_address", "seed", "calib_size", "finetune_epochs",
                 "finetune_lr", "nni_config", "search", "budget", "policy_space", "search_seed"):
         value = getattr(args, key)
         if value is not None:

@@ -114,11 +114,15 @@ def _joint_cmd(out: Path, trials: int, strategy: str = "random", *extra: str) ->
 
 def test_joint_run_records_pairs_that_report_and_export_read(tmp_path):
     out = tmp_path / "joint"
-    assert main(_joint_cmd(out, 4, "surrogate", "--joint-policy", "prune+int8")) == 0
+    limit = 15000.0
+    assert main(_joint_cmd(out, 4, "surrogate", "--joint-policy", "prune+int8",
+                           "--constraint", f"file_bytes<={limit:g}")) == 0
     df = open_store(out).dataframe()
     assert len(df) == 4 and df.stage.eq("compress").all() and df.proposal.str.startswith("joint@1|").all()
     done = df[df.status == "complete"]
     assert len(done) == 4
+    # the constraint is judged on the metrics measured after compression
+    assert ((done.violation > 0) == (done.file_bytes > limit)).all()
     for col in ("val_acc", "onnx_latency_ms", "file_bytes", "base_onnx_latency_ms", "trained"):
         assert done[col].notna().all(), col
     assert (out / "pareto.csv").is_file()
@@ -130,6 +134,13 @@ def test_joint_run_records_pairs_that_report_and_export_read(tmp_path):
         fmt = "onnx-int8" if '"int8"' in policy else "onnx"
         assert main(["export", str(out), "--trial", str(n), "--format", fmt, "--out", str(tmp_path / f"{n}.onnx")]) == 0
     assert main(["show", str(out)]) == 0
+    # a policy search per layer on the joint front's best architecture, from its trained weights
+    assert main(["compress", "--run", str(out), "--top-k", "1", "--search", "random", "--budget", "2",
+                 "--policy-space", "int8", "--quiet"]) == 0
+    after = open_store(out).dataframe()
+    refined = after[after.proposal.fillna("").str.startswith("policy@")]
+    assert len(refined) == 2 and refined.status.eq("complete").all() and refined.genotype.nunique() == 1
+    assert after.trained.fillna(0).sum() == done.trained.sum()  # nothing trained again
 
 
 def test_a_trained_architecture_is_compressed_again_without_training(tmp_path):

@@ -12,6 +12,13 @@ objective, or MO-ASHA on all of them) may stop the trial there, Tune then ends i
 searcher records it as "stopped" with the last epoch's metrics. A trial that runs to the end
 sends one final report with every metric, the per-epoch history and its status.
 
+Lost trials: a trial whose worker process or node died (Ray's `ActorDiedError`,
+`WorkerCrashedError`, `NodeDiedError`, ...) is not the candidate's failure: the evaluator's own
+exceptions, NaNs and out-of-memory errors never reach Tune, `run_trial` catches them. Its row
+is recorded "interrupted: ..." (not counted) and the controller runs the same proposal again
+first (`SearchController.retry`), up to ``max_retries`` times; Ray places the new trial on any
+live node. The console gets one line per such event instead of Ray's traceback.
+
 This is the only module of the toolkit that imports Ray, and only inside functions.
 """
 
@@ -24,6 +31,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +45,7 @@ from ..controller import SearchController
 from ..trial import Candidate, Evaluator, TrialResult, run_trial
 from .mo_asha import make_mo_asha
 
-__all__ = ["SCHEDULERS", "SpaceParser", "controller_searcher", "run_ray"]
+__all__ = ["SCHEDULERS", "SpaceParser", "controller_searcher", "lost_reason", "run_ray"]
 
 SCHEDULERS = {
     "asha": "asynchronous successive halving on the first objective (Li et al. 2020)",
@@ -132,6 +140,53 @@ def _row(result: Mapping[str, Any]) -> dict[str, float] | None:
     return {"epoch": float(result["epoch"]), **json.loads(result["metrics_json"])}
 
 
+def lost_reason(exc: BaseException | None) -> str | None:
+    """What took the trial down if it was the infrastructure, not the candidate (None then):
+    "Ray worker died (ActorDiedError)" and the like.
+
+    A trial's exceptions reach Tune only from outside the evaluator, since `run_trial` catches
+    its own; but an actor whose constructor raised (an evaluator the workers cannot unpickle)
+    fails the same way on every node, as does any `RayTaskError` the trainable raises: those
+    stay candidate failures, never retried."""
+    from ray import exceptions as rex
+
+    if isinstance(exc, rex.RayTaskError):  # the trainable raised; lost only if Ray itself was
+        cause = getattr(exc, "cause", None)
+        return lost_reason(cause) if isinstance(cause, rex.RayError) and cause is not exc else None
+    name = type(exc).__name__
+    if isinstance(exc, rex.RayActorError):
+        if getattr(exc, "actor_init_failed", False):
+            return None
+        what = "Ray node was preempted" if getattr(exc, "preempted", False) else "Ray worker died"
+        return f"{what} ({name})"
+    kinds = (
+        (rex.WorkerCrashedError, "Ray worker crashed"),
+        ((rex.NodeDiedError, rex.LocalRayletDiedError), "Ray node died"),
+        (rex.OutOfMemoryError, "Ray's memory monitor killed the worker"),
+        (rex.ObjectLostError, "Ray lost an object the trial needed"),
+    )
+    for types, what in kinds:
+        if isinstance(exc, types):
+            return f"{what} ({name})"
+    return None
+
+
+def _trial_exception(trial: Any) -> BaseException | None:
+    """The exception Tune pickled for a failed trial (None if it could not), read from the
+    trial's local folder: Tune writes it there just before the callbacks run."""
+    from ray import cloudpickle
+
+    with contextlib.suppress(Exception):
+        path = trial.pickled_error_file
+        if path:
+            return cloudpickle.loads(Path(path).read_bytes())
+    return None
+
+
+def _print_event(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 @functools.cache
 def _classes() -> tuple[type, type]:
     """The Tune searcher and callback, defined on first use (their bases need Ray imported)."""
@@ -146,17 +201,22 @@ def _classes() -> tuple[type, type]:
             controller: SearchController,
             static: Callable[[Genotype], Mapping[str, float]] | None,
             on_result: Callable[[Candidate, TrialResult], None] | None,
+            max_retries: int = 2,
+            on_event: Callable[[str], None] | None = None,
         ):
             super().__init__()
             self.controller, self.static, self.on_result = controller, static, on_result
+            self.max_retries, self.on_event = max_retries, on_event
             self.live: dict[str, _Live] = {}
             self.errored: set[str] = set()  # failed in Tune; waiting for the callback's error text
             self.interrupted: list[Candidate] = []  # ended unfinished; left open in the store
+            self.retried: list[Candidate] = []  # lost with their worker; requeued in the controller
+            self.finished = False  # told Tune FINISHED (else Tune stopped on its own: Ctrl-C)
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its searcher into the experiment state. A run resumes from its store,
             # not from there, so the driver-only objects (store connection, callbacks) stay out.
-            return {**self.__dict__, "controller": None, "static": None, "on_result": None}
+            return {**self.__dict__, "controller": None, "static": None, "on_result": None, "on_event": None}
 
         def save(self, checkpoint_path: str) -> None:
             pass  # the run's store is the checkpoint (see the controller)
@@ -164,6 +224,11 @@ def _classes() -> tuple[type, type]:
         def suggest(self, trial_id: str) -> dict[str, Any] | str:
             cand = self.controller.next()
             if cand is None:
+                # Not finished while a trial runs: a lost one is requeued and asked for again.
+                # (Tune never asks again once told FINISHED; it does after a None.)
+                if any(t not in self.errored for t in self.live):
+                    return None
+                self.finished = True
                 return Searcher.FINISHED
             self.live[trial_id] = _Live(cand)
             g = cand.genotype.to_str()
@@ -228,12 +293,36 @@ def _classes() -> tuple[type, type]:
                 return metrics
             return {**{k: float(static[k]) for k in missing if k in static}, **metrics}
 
-        def record_error(self, trial_id: str, text: str) -> None:
-            if trial_id in self.errored:
-                self.errored.discard(trial_id)
-                live = self.live.get(trial_id)
-                history = tuple(live.history) if live else ()
+        def record_error(self, trial_id: str, text: str, lost: str | None = None) -> None:
+            """Record a trial that failed in Tune. ``lost``: why, if the infrastructure took it
+            down (`lost_reason`); it is then run again (`SearchController.retry`), not failed."""
+            if trial_id not in self.errored:
+                return
+            self.errored.discard(trial_id)
+            live = self.live.get(trial_id)
+            if live is None:
+                return
+            history = tuple(live.history)
+            if lost is None:
                 self._finish(trial_id, TrialResult("failed", {}, history, text, 0.0))
+                return
+            cand = self.live.pop(trial_id).candidate
+            used = self.controller.retries_used(cand)
+            # "ray: " first, as every error of a trial failed in Tune; Ray's own text after
+            detail = f"ray: {lost}: {text.removeprefix('ray: ')}"
+            retried = self.controller.retry(cand, detail, max_retries=self.max_retries, history=history)
+            head = f"trial {cand.number} ({cand.id}): {lost}"
+            if retried:
+                self.retried.append(cand)
+                self._event(f"{head}; retrying ({used + 1}/{self.max_retries})")
+                return
+            tries = f"after {used} retr{'y' if used == 1 else 'ies'}" if used else "no retries allowed"
+            self._event(f"{head}; recorded as failed ({tries})")
+            if self.on_result is not None:
+                self.on_result(cand, TrialResult("failed", {}, history, detail, 0.0))
+
+        def _event(self, line: str) -> None:
+            (self.on_event or _print_event)(line)
 
         def flush(self) -> None:
             for trial_id in list(self.errored):
@@ -257,7 +346,10 @@ def _classes() -> tuple[type, type]:
             with contextlib.suppress(Exception):  # the file is a best effort; the record is not
                 lines = [s for s in Path(trial.error_file).read_text().splitlines() if s.strip()]
                 text = "ray: " + (lines[-1] if lines else text)
-            self.searcher.record_error(trial.trial_id, text)
+            lost = None
+            with contextlib.suppress(Exception):  # unknown: a failure, as before
+                lost = lost_reason(_trial_exception(trial))
+            self.searcher.record_error(trial.trial_id, text, lost)
 
     return ControllerSearcher, ErrorText
 
@@ -266,15 +358,19 @@ def controller_searcher(
     controller: SearchController,
     static: Callable[[Genotype], Mapping[str, float]] | None = None,
     on_result: Callable[[Candidate, TrialResult], None] | None = None,
+    max_retries: int = 2,
+    on_event: Callable[[str], None] | None = None,
 ) -> Any:
     """A Ray Tune `Searcher` over ``controller`` (what `run_ray` uses, for your own Tuner).
 
     ``static(genotype)`` gives metrics known before training (params, FLOPs); they complete
     the metrics of stopped trials, which lack what is measured after training. Trials that
     fail inside Tune (not in the evaluator) are recorded when `record_error(trial_id, text)`
-    or `flush()` is called; `run_ray` does both.
+    or `flush()` is called; `run_ray` does both. A trial lost to the infrastructure (see
+    `record_error`) runs again up to ``max_retries`` times; ``on_event(line)`` gets one line
+    per such event (default: printed to stderr).
     """
-    return _classes()[0](controller, static, on_result)
+    return _classes()[0](controller, static, on_result, max_retries, on_event)
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -363,6 +459,8 @@ def run_ray(
     reduction_factor: int = 2,
     storage_path: str | Path | None = None,
     on_result: Callable[[Candidate, TrialResult], None] | None = None,
+    max_retries: int = 2,
+    on_event: Callable[[str], None] | None = None,
 ) -> None:
     """Evaluate the controller's candidates as Ray Tune trials until it has none left.
 
@@ -371,7 +469,9 @@ def run_ray(
     `SCHEDULERS`; None picks "mo-asha" for several objectives, else "asha". Rungs sit at
     ``grace_period * reduction_factor**k`` epochs below the budget. Tune's own files go under
     ``storage_path`` (a temporary folder, removed afterwards, if None). ``on_result(candidate,
-    result)`` runs on the driver after each trial is recorded.
+    result)`` runs on the driver after each trial is recorded. A trial whose Ray worker or
+    node died is run again, first, up to ``max_retries`` times per candidate (then recorded as
+    failed); ``on_event(line)`` gets one line per such event (default: printed to stderr).
     """
     objectives = controller.objectives
     name = scheduler or ("mo-asha" if len(objectives) > 1 else "asha")
@@ -386,6 +486,8 @@ def run_ray(
         raise ConfigError(
             f"need grace_period >= 1 and reduction_factor >= 2, got {grace_period}, {reduction_factor}"
         )
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
     if controller.remaining() <= 0:
         return  # nothing to run (e.g. a finished run resumed): no need to start Ray
     parse = parse or controller.strategy.space.from_str
@@ -418,13 +520,16 @@ def run_ray(
     else:
         sched = FIFOScheduler()
 
-    searcher = controller_searcher(controller, static, on_result)
+    searcher = controller_searcher(controller, static, on_result, max_retries, on_event)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, evaluator=evaluator, parse=parse, required=required),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
-    # RAY_AIR_NEW_OUTPUT=0: Tune's newer console output prints a table even at verbose=0
-    with _ray_session(address), _folder(storage_path) as where, _env(RAY_AIR_NEW_OUTPUT="0"):
+    # RAY_AIR_NEW_OUTPUT=0: Tune's newer console output prints a table even at verbose=0.
+    # TUNE_PRINT_ALL_TRIAL_ERRORS=0: no traceback per failed trial (Tune logs each at ERROR);
+    # the searcher prints one line per lost trial and the store keeps the error of every one.
+    quiet = _env(RAY_AIR_NEW_OUTPUT="0", TUNE_PRINT_ALL_TRIAL_ERRORS="0")
+    with _ray_session(address), _folder(storage_path) as where, quiet, _quiet_trial_failures():
         if address is None:  # a cluster may autoscale; a local Ray would wait forever instead
             _check_resources(cpus_per_trial, gpus_per_trial)
         tuner = tune.Tuner(
@@ -442,14 +547,20 @@ def run_ray(
                 storage_path=str(where),
                 verbose=0,
                 callbacks=[_classes()[1](searcher)],
+                # Tune's own retries stay off: it would rerun a lost trial under the same id,
+                # invisible to the store and to a resumed driver, at the end of its queue, with
+                # the searcher's history and the scheduler's rungs holding the first attempt's
+                # epochs. The controller retries instead (see `record_error`).
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
         tuner.fit()
         searcher.flush()
-    if searcher.interrupted:
+    # a trial lost and requeued just as Tune stopped (Ctrl-C) is waiting in the controller
+    pending = [] if searcher.finished else searcher.retried
+    if searcher.interrupted or pending:
         # Tune returns normally after Ctrl-C; the caller must still learn the run is not done.
-        numbers = [c.number for c in searcher.interrupted]
+        numbers = [c.number for c in [*searcher.interrupted, *pending]]
         raise KeyboardInterrupt(
             f"Ray Tune stopped before trials {numbers} finished; resuming the run reruns them"
         )
@@ -463,6 +574,47 @@ def _folder(path: str | Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="nas-run-ray-") as tmp:
         yield Path(tmp)
+
+
+class _DropTuneSummary(logging.Filter):
+    """Tune's closing "Trials did not complete: [...]" lists trials by Tune's names: the lost
+    ones were run again and the failed ones are in the store with their errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
+@contextlib.contextmanager
+def _quiet_trial_failures() -> Iterator[None]:
+    """For the duration of a run: no Tune summary of errored trials, and none of the raylet's
+    long "A worker died or was killed ..." notes the driver prints for every dead worker (the
+    searcher prints its own line, the store keeps Ray's text). Ray prints those from a thread
+    through a private function, patched here when it exists; other raylet messages still show."""
+    tune_log, drop = logging.getLogger("ray.tune.tune"), _DropTuneSummary()
+    tune_log.addFilter(drop)
+    try:
+        from ray._private import worker as ray_worker
+
+        original = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        ray_worker = original = None
+
+    def filtered(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict) and data.get("pid") == "raylet":
+            lines = [s for s in data.get("lines", []) if "A worker died or was killed" not in str(s)]
+            if not lines:
+                return None
+            data = {**data, "lines": lines}
+        return original(data, *args, **kwargs)
+
+    if ray_worker is not None:
+        ray_worker.print_to_stdstream = filtered
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(drop)
+        if ray_worker is not None:
+            ray_worker.print_to_stdstream = original
 
 
 @contextlib.contextmanager

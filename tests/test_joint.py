@@ -257,3 +257,14 @@ def _toml(tmp_path: Path) -> Path:
     path = tmp_path / "joint.toml"
     path.write_text("[joint_options]\npolicies_per_architecture = 1\n")
     return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [i.name for i in list_spaces() if i.name != "unireplk"])
+def test_joint_run_on_every_other_space_trains_compresses_and_measures(name, tmp_path):
+    out = tmp_path / name
+    argv = ["search", "--joint", "--space", name, "--dataset", "digits", "--strategy", "random",
+            "--trials", "2", "--epochs", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    done = open_store(out).dataframe().query("status == 'complete'")
+    assert len(done) == 2 and done.onnx_latency_ms.gt(0).all() and done.val_acc.between(0, 1).all()

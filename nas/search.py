@@ -116,12 +116,13 @@ def _default_out(cfg: SearchConfig) -> Path:
     return Path("results") / f"{cfg.space}-{Path(cfg.dataset).name}-{cfg.strategy}-{stamp}"
 
 
-def _store_for(cfg: SearchConfig, out: Path, read_only: bool = False) -> RunStore:
+def _store_for(cfg: SearchConfig, out: Path, read_only: bool = False, new: bool = False) -> RunStore:
     url = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if read_only and cfg.storage is None and not (out / "study.db").is_file():
         raise ConfigError(f"{str(out)!r} holds no study.db yet")  # SQLite would create one
     objectives, constraints = parse_objectives(cfg.objectives), parse_constraints(cfg.constraints)
-    return RunStore(url, objectives, constraints, study_name=_study_name(out, url, cfg), read_only=read_only)
+    return RunStore(url, objectives, constraints, study_name=_study_name(out, url, cfg), read_only=read_only,
+                    new=new)
 
 
 def _study_name(out: Path, url: str, cfg: SearchConfig) -> str:
@@ -263,7 +264,8 @@ def prepare_run(
         raise ConfigError(f"cannot create the run folder {str(out)!r}: {exc.strerror or exc}") from None
     lock = _lock_run_folder(out)
     try:
-        store = _store_for(cfg, out)
+        # a new run on a database server: its folder's name must not be another run's study
+        store = _store_for(cfg, out, new=resume is None and cfg.storage is not None)
     except Exception:
         if created:  # a bad storage URL must not leave a half-made run folder behind
             shutil.rmtree(out, ignore_errors=True)
@@ -351,6 +353,10 @@ def run_search(
             if run.lock is not None:
                 run.lock.close()
             shutil.rmtree(run.out, ignore_errors=True)
+            if cfg.storage is not None:  # its empty study on the server too: the name is free again
+                import optuna
+
+                optuna.delete_study(study_name=run.store.study_name, storage=run.store.url)
         raise
     except KeyboardInterrupt:
         # the store already holds every finished trial; tell the user where to pick up

@@ -50,8 +50,11 @@ class RunStore:
         constraints: Sequence[Constraint] = (),
         study_name: str = "nas-run",
         read_only: bool = False,
+        new: bool = False,
     ):
-        """``read_only``: load an existing study and write nothing (a reader beside a driver)."""
+        """``read_only``: load an existing study and write nothing (a reader beside a driver).
+        ``new``: the study must not exist yet (a new run on a shared database server: another
+        run's study of the same name is refused, atomically, never taken over)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,8 +67,13 @@ class RunStore:
                 self.study = optuna.load_study(storage=url, study_name=study_name)
             else:
                 self.study = optuna.create_study(
-                    storage=url, study_name=study_name, directions=directions, load_if_exists=True
+                    storage=url, study_name=study_name, directions=directions, load_if_exists=not new
                 )
+        except optuna.exceptions.DuplicatedStudyError:
+            raise ConfigError(
+                f"the database {url.split('@')[-1]!r} already holds a study named {study_name!r} (another run "
+                f"folder of that name): give this run another --out, or continue that one with --resume"
+            ) from None
         except KeyError:  # load_study: no such study
             raise ConfigError(f"no study {study_name!r} in {url.split('@')[-1]!r}") from None
         except ImportError as exc:  # SQLAlchemy found no driver for the URL's database

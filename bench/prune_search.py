@@ -34,11 +34,14 @@ CNN_SPEC = str(ROOT / "bench" / "resnet_cnn.py") + ":resnet_cnn"
 UNIFORM = (0.25, 0.5, 0.7)
 
 
-def run(args: argparse.Namespace, kind: str, seed: int) -> Path:
+def run(args: argparse.Namespace, kind: str, seed: int, target: float | None = None) -> Path:
+    """One compression run. ``target``: a targeted search — the most accurate policy whose
+    speed-up (the trial's, batch 1) is at least ``target``: objective val_acc, constraint
+    ``speedup>=target`` (what a user asks for: "the best model at least this fast")."""
     from compress.policy import Policy
     from compress.run import CompressConfig, run_compress
 
-    out = args.work / f"{kind}-s{seed}"
+    out = args.work / (f"{kind}-s{seed}" + (f"-t{target:.3f}" if target is not None else ""))
     common = dict(model=CNN_SPEC, weights=str(args.work / "resnet_cnn.safetensors"), dataset="mnist5k",
                   out=str(out), seed=0, finetune_epochs=args.ft_epochs, finetune_lr=args.ft_lr)
     # the data split (and fine-tuning) stays seed 0 for every run, so accuracies compare on the
@@ -51,8 +54,9 @@ def run(args: argparse.Namespace, kind: str, seed: int) -> Path:
                 for r in UNIFORM]
         cfg = CompressConfig(policies=tuple(pols), **common)
     else:
+        aim = dict(objectives=("val_acc",), constraints=(f"speedup>={target:.3f}",)) if target is not None else {}
         cfg = CompressConfig(search=kind, budget=args.budget, policy_space="prune", search_seed=seed,
-                             policy_space_options={"round_to": args.round_to}, **common)
+                             policy_space_options={"round_to": args.round_to}, **aim, **common)
 
     def show(cand: Any, result: Any) -> None:
         m = result.metrics
@@ -64,12 +68,12 @@ def run(args: argparse.Namespace, kind: str, seed: int) -> Path:
     return out
 
 
-def collect(folder: Path, kind: str, seed: int) -> list[dict[str, Any]]:
+def collect(folder: Path, kind: str, seed: int, target: float | None = None) -> list[dict[str, Any]]:
     import pandas as pd
 
     df = pd.read_csv(folder / "compress.csv")
     df = df[df.status == "complete"]
-    return [{"kind": kind, "seed": seed, "policy": p, "val_acc": a, "params": n, "trial_speedup": s}
+    return [{"kind": kind, "seed": seed, "policy": p, "val_acc": a, "params": n, "trial_speedup": s, "target": target}
             for p, a, n, s in zip(df.policy, df.val_acc, df.params, df.speedup, strict=True)]
 
 
@@ -118,8 +122,11 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=8, help="channel multiple kept by every pruning (uniform and searched)")
     ap.add_argument("--tolerance", type=float, default=0.05,
                     help="'as fast' = at least (1 - tolerance) x the uniform point's speed-up (timing spread)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "prune_search.md")
+    ap.add_argument("--targeted", action="store_true",
+                    help="one search per uniform point: max val_acc subject to speedup >= (1 - tolerance) x its speed-up")
+    ap.add_argument("--out", type=Path, default=None, help="default results/prune_search[_targeted].md")
     args = ap.parse_args()
+    args.out = args.out or RESULTS / ("prune_search_targeted.md" if args.targeted else "prune_search.md")
     from bench.compress import train_cnn
     from compress.policy import Policy
 
@@ -127,12 +134,18 @@ def main() -> None:
     start = time.perf_counter()
     if not (args.work / "resnet_cnn.safetensors").is_file():
         print(f"training the CNN: val acc {train_cnn(args.work / 'resnet_cnn.safetensors', args.cnn_epochs):.4f}")
-    folders = [(run(args, "uniform", 0), "uniform", 0)]
+    folders = [(run(args, "uniform", 0), "uniform", 0, None)]
+    targets: dict[float, float | None] = {r: None for r in UNIFORM}  # uniform ratio -> searched speed-up target
+    if args.targeted:
+        for u in collect(folders[0][0], "uniform", 0):
+            ratio = Policy.from_json(u["policy"]).passes[0].settings["ratio"]
+            targets[ratio] = round((1 - args.tolerance) * u["trial_speedup"], 3)
     for seed in range(args.seeds):
         for kind in ("random", "surrogate"):
-            folders.append((run(args, kind, seed), kind, seed))
-    rows = [r for f, k, s in folders for r in collect(f, k, s)]
-    timing = retime([f for f, _, _ in folders], args.rounds)
+            for target in sorted({t for t in targets.values()}, key=lambda t: t or 0):
+                folders.append((run(args, kind, seed, target), kind, seed, target))
+    rows = [r for f, k, s, t in folders for r in collect(f, k, s, t)]
+    timing = retime([f for f, _, _, _ in folders], args.rounds)
     for r in rows:
         r.update(timing.get(Policy.from_json(r["policy"]).id, {}))
     lines = [
@@ -140,8 +153,11 @@ def main() -> None:
         "",
         "Command: `" + " ".join(["python", "bench/prune_search.py", *sys.argv[1:]]) + "`",
         "",
-        f"Model: the ResNet-style CNN of bench/compress.py on mnist5k (builder + state dict). Searches: "
-        f"{args.budget} evaluations each, {args.seeds} seed(s); every policy fine-tunes {args.ft_epochs} epochs with "
+        "Model: the ResNet-style CNN of bench/compress.py on mnist5k (builder + state dict). Searches: "
+        + ("one per uniform point (objective val_acc, constraint speedup >= "
+           f"{1 - args.tolerance:.2f} x that point's trial speed-up), " if args.targeted else
+           "objectives val_acc and ORT latency, ")
+        + f"{args.budget} evaluations each, {args.seeds} seed(s); every policy fine-tunes {args.ft_epochs} epochs with "
         f"KD (lr {args.ft_lr}); channel counts kept multiples of {args.round_to}. Speed-ups: ORT batch 1 and 32, re-timed in {args.rounds} interleaved rounds against "
         f"the base model; accuracy: validation split in ORT. 'As fast' = batch-1 speed-up at least "
         f"{1 - args.tolerance:.2f}x the uniform point's (two identical pruned structures timed "
@@ -159,6 +175,7 @@ def main() -> None:
             cells = []
             for kind in ("random", "surrogate"):
                 faster = [r for r in rows if r["kind"] == kind and r["seed"] == seed
+                          and r["target"] == targets[ratio]  # a targeted run: that point's own search
                           and r["speedup_b1"] >= (1 - args.tolerance) * u["speedup_b1"]]
                 if faster:
                     b = max(faster, key=lambda r: r["val_acc"])

@@ -52,9 +52,14 @@ if TYPE_CHECKING:
 
     from nas.config import SearchConfig
 
-__all__ = ["JOINT_METRICS", "JointEvaluator", "JointPlan", "JointRows", "JointSpace", "ReuseTrained"]
+__all__ = ["JOINT_METRICS", "JointEvaluator", "JointPlan", "JointRows", "JointSpace", "ReuseTrained", "is_joint_trial"]
 
 JOINT_SPACE = "joint"
+
+
+def is_joint_trial(record: Mapping[str, Any]) -> bool:
+    """Whether a store record is a pair of a joint search (not a later `compress --run` trial)."""
+    return str(record.get("proposal") or "").startswith(f"{JOINT_SPACE}@")
 # what a joint trial reports: the compression metrics, and whether it trained its architecture
 JOINT_METRICS = (
     "val_acc", "acc_drop", "onnx_latency_ms", "latency_ms", "speedup", "file_bytes", "zip_bytes",

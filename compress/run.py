@@ -29,7 +29,6 @@ import numpy as np
 
 from nas.config import RUNNERS
 from nas.objectives import Objective, losses, parse_objectives
-from nas.pareto import pareto_mask
 from nas.store import RunStore
 from nas.trial import Candidate, TrialResult
 from search_spaces import ConfigError, Genotype, UnknownNameError
@@ -261,23 +260,27 @@ class CompressRun:
 
 
 def _top_candidates(store: RunStore, k: int) -> list[str]:
-    """The run's Pareto front of finished architecture trials (feasible, non-dominated), best
-    first on the primary objective; the first ``k``."""
+    """The ``k`` best finished architectures of the run: its feasible Pareto front first (best
+    primary objective first), then, if the front holds fewer than ``k``, the next fronts of
+    non-dominated sorting — `--top-k 3` compresses 3 candidates even when one dominates all."""
+    from nas.pareto import nondominated_rank
+
     records = store.records()
     recs = [r for r in records if r.get("stage") in ("search", None) and r["status"] == "complete"]
     if not recs:  # a joint run: its (architecture, policy) pairs, best pair of each architecture first
-        recs = [r for r in records if str(r.get("proposal") or "").startswith("joint@") and r["status"] == "complete"]
+        from .joint import is_joint_trial
+
+        recs = [r for r in records if is_joint_trial(r) and r["status"] == "complete"]
     recs = [r for r in recs if losses(store.objectives, r["metrics"]) is not None]
     if not recs:
         raise ConfigError("the run has no completed trials to compress yet")
-    arr = np.array([losses(store.objectives, r["metrics"]) for r in recs], dtype=float)
-    feasible = np.array([not (r.get("violation") or 0) > 0 for r in recs])
-    mask = pareto_mask(arr, feasible)
-    front = [r for r, m in zip(recs, mask, strict=True) if m]
-    if not front:
+    recs = [r for r in recs if not (r.get("violation") or 0) > 0]
+    if not recs:
         raise ConfigError(f"the run has no completed trial that meets its constraints {[str(c) for c in store.constraints]}")
-    front.sort(key=lambda r: tuple(arr[recs.index(r)]))  # losses: best primary objective first
-    return list(dict.fromkeys(r["genotype"] for r in front))[:k]  # a joint front may hold one twice
+    arr = np.array([losses(store.objectives, r["metrics"]) for r in recs], dtype=float)
+    rank = nondominated_rank(arr)
+    order = sorted(range(len(recs)), key=lambda i: (int(rank[i]), tuple(arr[i])))
+    return list(dict.fromkeys(recs[i]["genotype"] for i in order))[:k]  # a joint run may hold one twice
 
 
 def prepare_compress(config: CompressConfig | None = None, resume: str | Path | None = None) -> CompressRun:

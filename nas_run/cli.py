@@ -97,6 +97,7 @@ def _show(args: argparse.Namespace) -> int:
     from pathlib import Path
     from types import SimpleNamespace
 
+    from compress.joint import is_joint_trial
     from nas.controller import SEARCH_STAGES, uses_evaluation
     from nas.search import driver_running, open_store, read_config
     from nas_run.progress import Progress, print_trials
@@ -113,7 +114,7 @@ def _show(args: argparse.Namespace) -> int:
             uses_evaluation(r["status"], str(r["error"] or ""))
             for r in records
             # a joint run's trials are its (architecture, policy) pairs
-            if (str(r.get("proposal") or "").startswith("joint@") if config.joint else r["stage"] in SEARCH_STAGES)
+            if (is_joint_trial(r) if config.joint else r["stage"] in SEARCH_STAGES)
         )
         if counted < config.trials or any(r["status"] == "running" for r in records):
             # "running" rows of a run nobody drives are trials a dead driver left behind

@@ -79,7 +79,9 @@ class Progress:
     def summary(self, run: Any) -> None:
         df = run.store.dataframe()
         if getattr(run.config, "joint", False) and not df.empty:  # its trials are the pairs
-            search = df[df["proposal"].fillna("").astype(str).str.startswith("joint@")]
+            from compress.joint import is_joint_trial
+
+            search = df[[is_joint_trial({"proposal": p}) for p in df["proposal"]]]
         else:
             search = df[df["stage"].isin(["search"]) | df["stage"].isna()] if not df.empty else df
         counts = search["status"].value_counts().to_dict() if not search.empty else {}

@@ -60,6 +60,8 @@ JOINT_SPACE = "joint"
 def is_joint_trial(record: Mapping[str, Any]) -> bool:
     """Whether a store record is a pair of a joint search (not a later `compress --run` trial)."""
     return str(record.get("proposal") or "").startswith(f"{JOINT_SPACE}@")
+
+
 # what a joint trial reports: the compression metrics, and whether it trained its architecture
 JOINT_METRICS = (
     "val_acc", "acc_drop", "onnx_latency_ms", "latency_ms", "speedup", "file_bytes", "zip_bytes",
@@ -129,6 +131,11 @@ class JointSpace(SearchSpace):
         if clash:
             raise ConfigError(f"architecture space {self.architectures.name!r} has decisions named like the policy's: {sorted(clash)}")
         return arch + list(self._policy)
+
+    @property
+    def policy_decisions(self) -> tuple[Dimension, ...]:
+        """The compression decisions (``c_*``), after the architecture's."""
+        return self._policy
 
     def _split(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Decisions -> (architecture's, policy's)."""
@@ -293,7 +300,7 @@ class ReuseTrained(Strategy):
         space = self.jspace
         arch = space.architectures.from_str(arch_text)
         asked = set(self.inner.asked)
-        dims = list(space._policy)
+        dims = list(space.policy_decisions)
         options = []
         for values in itertools.product(*(d.choices for d in dims)):
             g = space.pair(arch, dict(zip((d.name for d in dims), values, strict=True)))

@@ -202,12 +202,15 @@ class RunStore:
     def records(self) -> list[dict[str, Any]]:
         """One flat dict per trial (finished or not), in trial order."""
         rows = []
+        running = self._optuna.trial.TrialState.RUNNING
         for t in self.study.get_trials(deepcopy=False):
             a = t.user_attrs
             row: dict[str, Any] = {
                 "number": t.number,
                 "state": t.state.name,
-                "status": a.get("status", "running"),
+                # `finish` writes the attributes, then tells Optuna: a driver killed in between
+                # leaves a result that is not final yet (resume marks it interrupted, runs it again)
+                "status": "running" if t.state == running else a.get("status", "running"),
                 "stage": a.get("stage"),
                 "genotype_id": a.get("genotype_id"),
                 "strategy": a.get("strategy"),

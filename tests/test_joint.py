@@ -248,14 +248,17 @@ def test_joint_run_trains_fewer_models_than_it_evaluates(tmp_path):
     assert len(done) == 6 and done.proposal.nunique() == 6
     assert done.trained.sum() == 2  # 3 policies per trained architecture
     assert done.groupby("genotype").size().eq(3).all()
-    assert main(_joint_cmd(tmp_path / "plain", 3, "random", "--config", str(_toml(tmp_path)))) == 0
+    # `joint = true` in a config file, no --joint flag
+    argv = [a for a in _joint_cmd(tmp_path / "plain", 3, "random", "--config", str(_toml(tmp_path))) if a != "--joint"]
+    assert main(argv) == 0
     plain = open_store(tmp_path / "plain").dataframe()
+    assert plain.proposal.str.startswith("joint@").all()
     assert plain.trained.sum() == 3  # policies_per_architecture = 1: each pair trains its own
 
 
 def _toml(tmp_path: Path) -> Path:
     path = tmp_path / "joint.toml"
-    path.write_text("[joint_options]\npolicies_per_architecture = 1\n")
+    path.write_text("joint = true\n\n[joint_options]\npolicies_per_architecture = 1\n")
     return path
 
 

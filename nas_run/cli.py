@@ -102,6 +102,8 @@ def _show(args: argparse.Namespace) -> int:
     from nas.search import driver_running, open_store, read_config
     from nas_run.progress import Progress, print_trials
 
+    if not (Path(args.dir) / "config.json").is_file() and (Path(args.dir) / "compress.json").is_file():
+        return _show_compression(args)
     config, store = read_config(args.dir), open_store(args.dir, read_only=True)
     if args.all:
         print_trials(store)
@@ -119,6 +121,34 @@ def _show(args: argparse.Namespace) -> int:
         if counted < config.trials or any(r["status"] == "running" for r in records):
             # "running" rows of a run nobody drives are trials a dead driver left behind
             print(f"not finished and not running: continue it with nas-run search --resume {args.dir}")
+    return 0
+
+
+def _show_compression(args: argparse.Namespace) -> int:
+    """`show` on a `nas-run compress --model ... --out DIR` folder: its trials and the note to
+    resume it when it is not finished."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from compress.run import CONFIG_FILE, CompressConfig
+    from nas.objectives import parse_constraints, parse_objectives
+    from nas.search import driver_running
+    from nas.store import RunStore
+    from nas_run.compress_cmd import CompressProgress
+    from nas_run.progress import print_trials
+
+    out = Path(args.dir)
+    cfg = CompressConfig.from_mapping(json.loads((out / CONFIG_FILE).read_text()), source=str(out / CONFIG_FILE))
+    store = RunStore(f"sqlite:///{(out / 'study.db').resolve()}", parse_objectives(cfg.objectives),
+                     parse_constraints(cfg.constraints), study_name=out.resolve().name, read_only=True)
+    if args.all:
+        print_trials(store)
+    CompressProgress().summary(SimpleNamespace(out=out, table=store.dataframe))
+    if driver_running(out):
+        print("a nas-run process is driving this run now")
+    elif any(r["status"] == "running" for r in store.records()):
+        print(f"not finished and not running: continue it with nas-run compress --resume {args.dir}")
     return 0
 
 
@@ -288,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NasRunError as exc:
         print(f"nas-run: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `nas-run show DIR | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt as exc:
         how = str(exc) or f"nas-run {args.command} --resume DIR"
         print(f"nas-run: interrupted; finished trials are saved; continue with: {how}", file=sys.stderr)

@@ -157,9 +157,13 @@ def _rows(out: Path) -> pd.DataFrame:
     return df.sort_values("number").reset_index(drop=True)
 
 
-def test_policy_search_records_pairs_and_the_surrogate_runs(weights, tmp_path):
+def test_policy_search_records_pairs_and_the_surrogate_runs(weights, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(_search_cmd(weights, out, 5, "surrogate")) == 0
+    capsys.readouterr()
+    assert main(["show", str(out), "--all"]) == 0  # `show` reads a --model compression folder too
+    shown = capsys.readouterr().out
+    assert "compression:" in shown and "'complete': 5" in shown and "--resume" not in shown
     rows = _rows(out)
     assert (rows.status == "complete").sum() == 5 and rows.policy.nunique() == 5
     assert rows.strategy.eq("surrogate").all() and rows.stage.eq("compress").all()

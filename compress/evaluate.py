@@ -128,7 +128,8 @@ class CompressionEvaluator:
         return _dataset(self.dataset, self.data_seed, self.standardize)
 
     # -- the uncompressed model ------------------------------------------------------------------
-    def _trainer(self) -> Any:
+    def trainer(self) -> Any:
+        """The search run's `TrainingEvaluator` (same data, seed and training settings)."""
         from nas.training import TrainingEvaluator
 
         return TrainingEvaluator(
@@ -155,7 +156,7 @@ class CompressionEvaluator:
             # BaseModel.kind is "eager" or "torchscript"; a builder's model is eager (user.kind "builder")
             module, kind = user.module, ("torchscript" if user.kind == "torchscript" else "eager")
         else:
-            trainer = self._trainer()
+            trainer = self.trainer()
             path = trainer.weights_path(genotype, self.train_epochs)
             if path is not None and path.is_file():
                 from safetensors.torch import load_file

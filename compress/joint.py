@@ -209,14 +209,8 @@ class JointSpace(SearchSpace):
         outputs also thins the next layer's inputs (~(1 - r)^2); low rank keeps its target of
         the parameters; int8 stores a byte per weight instead of four."""
         v = self.to_dims(g)
-        kept = (1.0 - float(v.get("c_prune", 0.0))) ** 2
-        params = kept * float(v.get("c_rank", 1.0))
-        return params, kept * float(v.get("c_rank", 1.0)), (1.0 if v.get("c_int8") == "int8" else 4.0)
-
-    def to_json(self) -> dict[str, Any]:
-        import json
-
-        return {"name": self.name, "version": self.version, "options": json.loads(json.dumps(self.options))}
+        kept = (1.0 - float(v.get("c_prune", 0.0))) ** 2 * float(v.get("c_rank", 1.0))
+        return kept, kept, (1.0 if v.get("c_int8") == "int8" else 4.0)
 
 
 def _floats(name: str, values: Sequence[Any], low: float, high: float) -> tuple[float, ...]:
@@ -356,7 +350,7 @@ class JointEvaluator:
         return self.compression.data()
 
     def __call__(self, genotype: Genotype, budget: int, report: Reporter, policy: str = "") -> dict[str, float]:
-        trainer = self.compression._trainer()
+        trainer = self.compression.trainer()
         path = trainer.weights_path(genotype, budget)
         trained = 0.0
         if path is None or not path.is_file():
@@ -387,24 +381,9 @@ class JointPlan:
         return ReuseTrained(strategy, per) if per > 1 else strategy
 
     def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
-        from .run import ARTEFACTS
+        from .run import search_run_evaluator
 
-        return JointEvaluator(
-            CompressionEvaluator(
-                dataset=cfg.dataset,
-                artefacts_dir=str((out / ARTEFACTS).resolve()),
-                data_seed=cfg.seed,
-                standardize=True,
-                seed=cfg.seed,
-                space=cfg.space,
-                space_options=tuple(sorted(dict(architectures.options).items())),
-                weights_dir=str((out / "weights").resolve()),
-                train_epochs=cfg.epochs,
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                threads=max(1, int(cfg.cpus_per_trial)),
-            )
-        )
+        return JointEvaluator(search_run_evaluator(cfg, out, architectures, cpus_per_trial=cfg.cpus_per_trial))
 
     def rows(self, space: SearchSpace) -> JointRows:
         assert isinstance(space, JointSpace)
@@ -417,7 +396,7 @@ class JointPlan:
 
     def stats_fn(self, space: SearchSpace, evaluator: Any) -> Callable[[Genotype], np.ndarray]:
         assert isinstance(space, JointSpace)
-        trainer = evaluator.compression._trainer()
+        trainer = evaluator.compression.trainer()
         cache: dict[str, tuple[float, float]] = {}
 
         def stats(g: Genotype) -> np.ndarray:

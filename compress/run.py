@@ -259,6 +259,29 @@ class CompressRun:
         return path
 
 
+def search_run_evaluator(
+    run_cfg: Any, out: Path, space: Any, calib_size: int = 256, cpus_per_trial: float = 1.0
+) -> CompressionEvaluator:
+    """The evaluator of compression trials on a search run's architectures (``run_cfg`` its
+    `SearchConfig`, ``space`` its resolved space): trained weights from ``out/weights`` (trained
+    there first, seeded as the search trains, if missing), models kept under ``out/compressed``."""
+    return CompressionEvaluator(
+        dataset=run_cfg.dataset,
+        artefacts_dir=str((out / ARTEFACTS).resolve()),
+        data_seed=run_cfg.seed,
+        standardize=True,
+        seed=run_cfg.seed,
+        space=run_cfg.space,
+        space_options=tuple(sorted(dict(space.options).items())),
+        weights_dir=str((out / "weights").resolve()),
+        train_epochs=run_cfg.epochs,
+        lr=run_cfg.lr,
+        batch_size=run_cfg.batch_size,
+        calib_size=calib_size,
+        threads=max(1, int(cpus_per_trial)),
+    )
+
+
 def _top_candidates(store: RunStore, k: int) -> list[str]:
     """The ``k`` best finished architectures of the run: its feasible Pareto front first (best
     primary objective first), then, if the front holds fewer than ``k``, the next fronts of
@@ -309,21 +332,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         space = get_space(run_cfg.space, **dict(run_cfg.space_options))
         if run_cfg.tiny:
             space = space.tiny()
-        evaluator = CompressionEvaluator(
-            dataset=run_cfg.dataset,
-            artefacts_dir=str((out / ARTEFACTS).resolve()),
-            data_seed=run_cfg.seed,
-            standardize=True,
-            seed=run_cfg.seed,
-            space=run_cfg.space,
-            space_options=tuple(sorted(dict(space.options).items())),
-            weights_dir=str((out / "weights").resolve()),
-            train_epochs=run_cfg.epochs,
-            lr=run_cfg.lr,
-            batch_size=run_cfg.batch_size,
-            calib_size=cfg.calib_size,
-            threads=max(1, int(cfg.cpus_per_trial)),
-        )
+        evaluator = search_run_evaluator(run_cfg, out, space, cfg.calib_size, cfg.cpus_per_trial)
         objectives_from = None
         from nas.runners.ray_tune import SpaceParser
 
@@ -371,7 +380,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         store_ro = _open_run_store(out, read_only=True)
         # parsed by the run's space: strings of older genotype versions come back in today's form
         architectures = [parse(text) for text in _top_candidates(store_ro, cfg.top_k)]
-        probe = evaluator._trainer()
+        probe = evaluator.trainer()
         # the training form: the passes start from it (see `deploy_policy`)
         model = probe.search_space().build(architectures[0], data.input_shape, data.num_classes)
         for pol in policies:

@@ -6,12 +6,6 @@ run killed by kill -9 resumes without losing or repeating a pair."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +101,13 @@ def test_rows_hold_the_architecture_the_policy_and_the_proposal():
     assert rows.proposal({**record, "stage": "search"}) is None
 
 
+def _joint_flags(trials: int, strategy: str = "random", *extra: str) -> list[str]:
+    return ["--joint", "--space", "unireplk", "--dataset", "digits", "--strategy", strategy,
+            "--trials", str(trials), "--epochs", "1", *extra]
+
+
 def _joint_cmd(out: Path, trials: int, strategy: str = "random", *extra: str) -> list[str]:
-    return ["search", "--joint", "--space", "unireplk", "--dataset", "digits", "--strategy", strategy,
-            "--trials", str(trials), "--epochs", "1", "--out", str(out), "--quiet", *extra]
+    return ["search", *_joint_flags(trials, strategy, *extra), "--out", str(out), "--quiet"]
 
 
 def test_joint_run_records_pairs_that_report_and_export_read(tmp_path):
@@ -161,29 +159,12 @@ def test_a_trained_architecture_is_compressed_again_without_training(tmp_path):
     assert second["file_bytes"] < first["file_bytes"]
 
 
-def _finished(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as con:
-            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def test_joint_run_killed_by_sigkill_resumes_without_losing_or_repeating(tmp_path):
+def test_joint_run_killed_by_sigkill_resumes_without_losing_or_repeating(tmp_path, kill_and_resume):
     trials = 6
     ref = tmp_path / "ref"
     assert main(_joint_cmd(ref, trials, "evolution")) == 0
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "nas_run", *_joint_cmd(out, trials, "evolution")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and _finished(out / "study.db") < 3:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert main(["search", "--resume", str(out), "--quiet"]) == 0
-    rows, want = open_store(out).dataframe(), open_store(ref).dataframe()
+    _, rows = kill_and_resume(_joint_flags(trials, "evolution"), tmp_path / "killed")
+    want = open_store(ref).dataframe()
     done, want_done = rows[rows.status == "complete"], want[want.status == "complete"]
     assert len(done) == trials and done.proposal.nunique() == trials  # nothing lost, nothing twice
     # the same pairs as the uninterrupted run, in the same order: the strategy's state resumed

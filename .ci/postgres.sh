@@ -11,6 +11,9 @@
 
 _nas_run_pg_setup() (
   set -euo pipefail
+  # stdout carries the URL alone: everything the tools print (pg_ctlcluster's "Removed stale pid
+  # file.", psql notices) goes to stderr, the URL to the saved stdout (fd 3)
+  exec 3>&1 1>&2
   user=${NAS_RUN_PG_USER:-nasrun} password=${NAS_RUN_PG_PASSWORD:-nasrun} db=${NAS_RUN_PG_DB:-nasrun}
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -24,8 +27,9 @@ _nas_run_pg_setup() (
   read -r ver cluster port status _ < <(pg_lsclusters -h | sort -V | tail -1) ||
     { echo "postgres.sh: PostgreSQL is installed but has no cluster (pg_createcluster <ver> main)" >&2; exit 1; }
   if [ "$status" != "online" ]; then
-    # pg_ctlcluster, not systemd: CI containers have no init system
-    $sudo pg_ctlcluster "$ver" "$cluster" start ||
+    # pg_ctlcluster, not systemd: CI containers have no init system. 3>&-: the server must not
+    # inherit fd 3, or the caller's $(...) would wait for it to exit
+    $sudo pg_ctlcluster "$ver" "$cluster" start 3>&- ||
       { $sudo tail -20 "/var/log/postgresql/postgresql-$ver-$cluster.log" >&2 || true; exit 1; }
   fi
   for _ in $(seq 1 30); do
@@ -44,7 +48,7 @@ _nas_run_pg_setup() (
   if [ "$(as_pg "$psql_pg -tAc \"select 1 from pg_database where datname = '$db'\"")" != "1" ]; then
     as_pg "createdb -p $port -O $user $db"
   fi
-  echo "postgresql+psycopg://$user:$password@localhost:$port/$db"
+  echo "postgresql+psycopg://$user:$password@localhost:$port/$db" >&3
 )
 
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then  # sourced: export the URL, keep the caller's shell options

@@ -162,6 +162,11 @@ def policy_controllers(
             # the surrogate's 10 random starts suit a 100-trial search; a policy search of 20
             # evaluations would be half random: a quarter of the budget, at least 3
             opts.setdefault("n_init", max(3, min(10, budget // 4)))
+            # the uniform policies first (when they fit the budget): the per-layer search then
+            # starts where a user would, and can only improve on what it measured of them
+            uniform = [g.to_str() for g in space.uniform_points()]
+            if len(uniform) < budget:
+                opts.setdefault("initial", uniform)
         strat = make_strategy(name, space, n_objectives=len(objectives), seed=seed, **opts)
         controllers.append(
             SearchController(

@@ -168,6 +168,24 @@ class PolicySpace(SearchSpace):
         settings["float_layers"] = sorted({n for n in keep if n})
         return settings
 
+    def uniform_points(self) -> list[Genotype]:
+        """The policies a user tries by hand before a per-layer search: every group pruned by the
+        same ratio (each nonzero ratio, mildest first), every group at the same kept-rank fraction
+        (each one below 1) — the surrogate's default initial design. Global int8 decisions take
+        their first values. Empty for a space without per-group decisions."""
+        dims = {d.name: d for d in self.dims}
+        per_group = [(prefix, values) for prefix, values in (
+            ("prune_g", [r for r in self.options["prune_ratios"] if float(r) > 0]),
+            ("rank_g", [k for k in self.options["rank_kept"] if float(k) < 1]),
+        ) if any(n.startswith(prefix) for n in dims)]
+        points = []
+        for prefix, values in per_group:
+            mildest_first = sorted(values, key=lambda v: abs(float(v) - (0.0 if prefix == "prune_g" else 1.0)))
+            for value in mildest_first:
+                chosen = {n: value if n.startswith(prefix) else d.choices[0] for n, d in dims.items()}
+                points.append(self.validate(self.from_dims(chosen)))
+        return points
+
     # -- features for the surrogate ------------------------------------------------------------
     FEATURES = (
         "macs_kept", "params_kept", "max_ratio", "prune_sensitivity", "rank_kept_share",

@@ -88,6 +88,33 @@ def test_features_follow_what_the_policy_removes(digits):
     assert space.policy(dense) == Policy()  # nothing pruned: the identity policy
 
 
+def test_uniform_points_prune_every_group_alike_and_seed_the_surrogate(digits, tmp_path):
+    from compress.evaluate import user_genotype
+    from compress.policy_search import policy_controllers
+    from nas.objectives import parse_objectives
+    from nas.store import RunStore
+
+    cnn = resnet_cnn(digits.num_classes, digits.input_shape[0]).eval()
+    space = PolicySpace.for_model(cnn, cnn, digits, kind="prune", probes=False)
+    points = space.uniform_points()
+    ratios = [r for r in space.options["prune_ratios"] if r > 0]
+    assert [set(g.as_dict().values()) for g in points] == [{r} for r in ratios]  # mildest first
+    for g, r in zip(points, ratios, strict=True):
+        (structured, _) = space.policy(g).passes
+        assert set(structured.settings["per_layer"].values()) == {r}
+        assert set(structured.settings["per_layer"]) == {n for _, m in space.options["groups"] for n in m}
+    assert PolicySpace.for_model(cnn, cnn, digits, kind="int8", probes=False).uniform_points() == []
+    # a surrogate policy search starts from them (when they fit its budget); other strategies do not
+    objectives = parse_objectives(["val_acc"])
+    store = RunStore(f"sqlite:///{tmp_path / 'study.db'}", objectives)
+    arch = user_genotype("0" * 40)
+    (tmp_path / "policy_search").mkdir()
+    chain = policy_controllers(tmp_path, store, [(arch, space)], "surrogate", 10, objectives, [], 0, 1)
+    assert chain.controllers[0].strategy.initial == [g.to_str() for g in points]
+    chain = policy_controllers(tmp_path, store, [(arch, space)], "surrogate", 3, objectives, [], 0, 1)
+    assert chain.controllers[0].strategy.initial == []
+
+
 def test_group_layers_keeps_order_and_caps_the_count():
     names = [f"stages.{s}.blocks.{b}.conv{c}" for s in range(4) for b in range(3) for c in range(2)]
     groups = group_layers(names, max_groups=8)

@@ -129,3 +129,24 @@ def test_valid_strategy_options_reach_the_strategy():
     assert make_strategy("surrogate", space, pool=50, kappa=0, seed=0).kappa == 0  # int for a float
     tpe = make_strategy("tpe", space, n_startup_trials=3, seed=0)
     assert tpe._make_sampler(0)._n_startup_trials == 3
+
+
+def test_surrogate_asks_its_initial_design_first_and_a_resumed_one_skips_what_was_asked():
+    space = get_space("nb201")
+    rng = __import__("numpy").random.default_rng(3)
+    initial = [space.sample(rng).to_str() for _ in range(3)]
+    s = make_strategy("surrogate", space, seed=0, n_objectives=1, initial=initial, **FAST["surrogate"])
+    first = s.ask()
+    s.tell(first, objective(first, 1))
+    again = make_strategy("surrogate", space, seed=0, n_objectives=1, initial=initial, **FAST["surrogate"])
+    again.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    rest = drive(again, 4, n_obj=1)
+    assert [first.to_str(), *(g.to_str() for g in rest[:2])] == initial
+    assert rest[2].to_str() not in initial  # then the random starts
+
+
+def test_a_bad_initial_point_is_a_config_error_naming_it():
+    from search_spaces.errors import NasRunError
+
+    with pytest.raises(NasRunError, match="initial"):
+        make_strategy("surrogate", get_space("nb201"), seed=0, initial=["nb201@1|edges=(nope)"])

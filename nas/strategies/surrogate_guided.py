@@ -22,6 +22,11 @@ the probability-of-feasibility factor of constrained Bayesian optimisation (Gard
 improvement. With ``stats_fn`` the shortlist is gated again with the model statistics, which
 predict running out of memory well.
 
+Initial design (``initial``): genotype strings asked first, in order, before the random starts
+(they count toward ``n_init``) — points a user would try by hand, e.g. the uniform policies of a
+per-layer pruning search (`PolicySpace.uniform_points`), so the surrogate's result is never worse
+than them on the data it saw and its random starts are spent on the rest of the space.
+
 Transfer (``prior``): observations of *another* search — ``[[encoding, losses or None,
 violation], ...]`` with encodings of this space's width, e.g. a policy search of another model,
 whose `PolicySpace.encode` carries model features — join every fit, their losses min-max
@@ -63,8 +68,13 @@ class SurrogateGuided(Strategy):
         surrogate: dict[str, Any] | None = None,
         min_feasible: float = 0.5,
         prior: list | None = None,
+        initial: list | None = None,
     ):
         super().__init__(space, n_objectives, seed)
+        try:  # parsed now: a bad point is a config error at start, not at ask 3
+            self.initial = [space.validate(space.from_str(str(k))).to_str() for k in initial or []]
+        except Exception as exc:  # noqa: BLE001 - any parse/validation error names the point
+            raise ValueError(f"initial: {exc}") from None
         self._prior = _prior_arrays(prior or [], space.encoding_size, n_objectives)
         if min(n_init, pool, n_parents, shortlist) < 1 or not 0 <= mutant_fraction <= 1 or kappa < 0:
             raise ValueError(
@@ -130,6 +140,10 @@ class SurrogateGuided(Strategy):
         return fresh or [g for k, g in out.items() if k not in seen] or list(out.values())
 
     def _propose(self) -> Genotype:
+        asked = set(self.asked)
+        for key in self.initial:  # `asked` is state, so a resumed run skips the ones done
+            if key not in asked:
+                return self.space.from_str(key)
         if len(self.history) < self.n_init:  # failed trials count: they are data too
             return self.space.sample(self.rng)
         done = self.finished()

@@ -55,8 +55,9 @@ def run(args: argparse.Namespace, kind: str, seed: int, target: float | None = N
         cfg = CompressConfig(policies=tuple(pols), **common)
     else:
         aim = dict(objectives=("val_acc",), constraints=(f"speedup>={target:.3f}",)) if target is not None else {}
+        seeded = {"search_options": {"initial": args.initial}} if kind == "surrogate" and args.initial else {}
         cfg = CompressConfig(search=kind, budget=args.budget, policy_space="prune", search_seed=seed,
-                             policy_space_options={"round_to": args.round_to}, **aim, **common)
+                             policy_space_options={"round_to": args.round_to}, **aim, **seeded, **common)
 
     def show(cand: Any, result: Any) -> None:
         m = result.metrics
@@ -124,6 +125,8 @@ def main() -> None:
                     help="'as fast' = at least (1 - tolerance) x the uniform point's speed-up (timing spread)")
     ap.add_argument("--targeted", action="store_true",
                     help="one search per uniform point: max val_acc subject to speedup >= (1 - tolerance) x its speed-up")
+    ap.add_argument("--initial", choices=("uniform",), default=None,
+                    help="the surrogate's initial design: the uniform policies first (search option initial)")
     ap.add_argument("--out", type=Path, default=None, help="default results/prune_search[_targeted].md")
     args = ap.parse_args()
     args.out = args.out or RESULTS / ("prune_search_targeted.md" if args.targeted else "prune_search.md")

@@ -104,15 +104,21 @@ def test_uniform_points_prune_every_group_alike_and_seed_the_surrogate(digits, t
         assert set(structured.settings["per_layer"].values()) == {r}
         assert set(structured.settings["per_layer"]) == {n for _, m in space.options["groups"] for n in m}
     assert PolicySpace.for_model(cnn, cnn, digits, kind="int8", probes=False).uniform_points() == []
-    # a surrogate policy search starts from them (when they fit its budget); other strategies do not
+    # search option initial = "uniform": a surrogate policy search starts from them (as many as
+    # fit in its budget, one evaluation left for the search); unseeded by default
     objectives = parse_objectives(["val_acc"])
     store = RunStore(f"sqlite:///{tmp_path / 'study.db'}", objectives)
     arch = user_genotype("0" * 40)
     (tmp_path / "policy_search").mkdir()
-    chain = policy_controllers(tmp_path, store, [(arch, space)], "surrogate", 10, objectives, [], 0, 1)
-    assert chain.controllers[0].strategy.initial == [g.to_str() for g in points]
-    chain = policy_controllers(tmp_path, store, [(arch, space)], "surrogate", 3, objectives, [], 0, 1)
-    assert chain.controllers[0].strategy.initial == []
+
+    def initial(budget, **options):
+        chain = policy_controllers(tmp_path, store, [(arch, space)], "surrogate", budget, objectives, [], 0, 1,
+                                   options=options)
+        return chain.controllers[0].strategy.initial
+
+    assert initial(10, initial="uniform") == [g.to_str() for g in points]
+    assert initial(3, initial="uniform") == [g.to_str() for g in points[:2]]
+    assert initial(10) == []
 
 
 def test_group_layers_keeps_order_and_caps_the_count():

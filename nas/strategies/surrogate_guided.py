@@ -71,6 +71,9 @@ class SurrogateGuided(Strategy):
         initial: list | None = None,
     ):
         super().__init__(space, n_objectives, seed)
+        if isinstance(initial, str):
+            raise ValueError(f"initial must be a list of genotype strings, got {initial!r} "
+                             "('uniform' is for compression policy searches)")
         try:  # parsed now: a bad point is a config error at start, not at ask 3
             self.initial = [space.validate(space.from_str(str(k))).to_str() for k in initial or []]
         except Exception as exc:  # noqa: BLE001 - any parse/validation error names the point

@@ -93,10 +93,13 @@ def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: i
     return out
 
 
-def points(out: Path, joint: bool, until_s: float | None = None) -> tuple[np.ndarray, int]:
+def points(
+    out: Path, joint: bool, until_s: float | None = None, retimed: dict[str, float] | None = None
+) -> tuple[np.ndarray, int]:
     """(val_acc, onnx_latency_ms, file_bytes) of the run's completed models (NaN where a model
     has no such measurement), optionally only those completed within ``until_s`` of the start;
-    and how many models it trained by then."""
+    and how many models it trained by then. ``retimed``: latencies by `model_key`, replacing
+    the ones each trial measured."""
     from nas.search import open_store
 
     recs = open_store(out, read_only=True).records()
@@ -109,8 +112,62 @@ def points(out: Path, joint: bool, until_s: float | None = None) -> tuple[np.nda
             continue
         m = r["metrics"]
         trained += int(m.get("trained", 0) == 1.0) if joint else int(r["stage"] == "search")
-        rows.append([m.get("val_acc", np.nan), m.get("onnx_latency_ms", np.nan), m.get("file_bytes", np.nan)])
+        lat = m.get("onnx_latency_ms", np.nan) if retimed is None else retimed.get(model_key(r), np.nan)
+        rows.append([m.get("val_acc", np.nan), lat, m.get("file_bytes", np.nan)])
     return np.array(rows, dtype=float).reshape(-1, 3), trained
+
+
+def model_key(record: dict[str, Any]) -> str:
+    """One shipped model per record: its architecture and policy (a float search trial: none)."""
+    return f"{record['genotype']}+{record.get('policy') or ''}"
+
+
+def run_models(out: Path) -> tuple[dict[str, bytes], tuple[int, ...]]:
+    """The ONNX file of every completed model of a run, by `model_key`, as `nas-run export`
+    rebuilds it (`compress.export`'s loader): an int8 trial's own quantized model, else the
+    deploy form (re-parameterised) of the pruned / float model, exported as the compression
+    stage exports — a float search trial's model is what the identity policy ships."""
+    from compress.export import _open_run, _reference
+    from compress.export_formats import copy_module, deploy_form
+    from compress.passes.int8 import export_float_onnx
+
+    run = _open_run(out)
+    data = run.data()
+    shape = tuple(data.input_shape)
+    models: dict[str, bytes] = {}
+    for r in run.store.records():
+        if r["status"] != "complete" or model_key(r) in models:
+            continue
+        ref = _reference(run, r, data)
+        models[model_key(r)] = ref.onnx if ref.onnx is not None else export_float_onnx(
+            deploy_form(copy_module(ref.module)), shape)
+    return models, shape
+
+
+def retime(runs: list[Path], rounds: int, seed: int = 0) -> dict[Path, dict[str, float]]:
+    """Every model of ``runs`` timed again in the same ``rounds`` (ORT, batch 1, one thread, each
+    round in a new shuffled order across both methods): the trials timed each model once, each
+    run at its own time and under its own load, and the sequential search trials with another
+    routine (the training form, 15 repeats). Median over rounds, per run and model key."""
+    import random
+
+    from compress.passes.int8 import onnx_latency_ms
+
+    models, shape = {}, ()
+    for run in runs:
+        blobs, shape = run_models(run)
+        models.update({(run, key): blob for key, blob in blobs.items()})
+    rng = random.Random(seed)
+    times: dict[tuple[Path, str], list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        order = list(models)
+        rng.shuffle(order)
+        for k in order:
+            times[k].append(onnx_latency_ms(models[k], shape, batch_size=1, threads=1, warmup=5, repeats=30))
+    out: dict[Path, dict[str, float]] = {run: {} for run in runs}
+    for (run, key), t in times.items():
+        out[run][key] = float(np.median(t))
+    return out
 
 
 def hv(pts: np.ndarray, col: int, ref: float) -> float:
@@ -143,48 +200,62 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "joint_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "joint.md")
+    parser.add_argument("--retime", type=int, default=5, metavar="ROUNDS",
+                        help="time every model of both methods again in ROUNDS interleaved rounds (0: the trials' timings)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
     header = ("| data set | seed | method | trained | pairs | wall s | HV acc-lat | HV acc-size "
-              "| HV acc-lat, equal wall-clock | HV acc-size, equal wall-clock | joint front points not reached |")
+              "| HV acc-lat, equal wall-clock | HV acc-size, equal wall-clock | joint front points not reached "
+              "| HV acc-lat, trials' timings |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    wins = {"lat": 0, "size": 0, "lat_wall": 0, "size_wall": 0}
+    wins = {"lat": 0, "size": 0, "lat_wall": 0, "size_wall": 0, "lat_trial": 0}
     runs = 0
     for dataset in args.datasets:
         for seed in args.seeds:
             j_out = run_joint(args, dataset, seed)
-            j_pts, j_trained = points(j_out, joint=True)
+            j_trial, j_trained = points(j_out, joint=True)
             s_out = run_sequential(args, dataset, seed, max(1, j_trained))
-            s_pts, s_trained = points(s_out, joint=False)
+            s_trial, s_trained = points(s_out, joint=False)
+            timing = retime([j_out, s_out], args.retime, seed) if args.retime > 0 else {j_out: None, s_out: None}
+            j_pts, _ = points(j_out, joint=True, retimed=timing[j_out])
+            s_pts, _ = points(s_out, joint=False, retimed=timing[s_out])
             j_wall = float((j_out / "wall_s.txt").read_text())
             s_wall = float((s_out / "wall_s.txt").read_text())
             both = np.concatenate([j_pts, s_pts])
             ref_lat = 1.1 * np.nanmax(both[:, 1])
             ref_size = 1.1 * np.nanmax(both[:, 2])
             t = min(j_wall, s_wall)
-            j_cut, _ = points(j_out, joint=True, until_s=t)
-            s_cut, _ = points(s_out, joint=False, until_s=t)
+            j_cut, _ = points(j_out, joint=True, until_s=t, retimed=timing[j_out])
+            s_cut, _ = points(s_out, joint=False, until_s=t, retimed=timing[s_out])
+            ref_trial = 1.1 * np.nanmax(np.concatenate([j_trial, s_trial])[:, 1])
             row = {}
-            for name, pts, cut, trained, wall in (("joint", j_pts, j_cut, j_trained, j_wall),
-                                                  ("sequential", s_pts, s_cut, s_trained, s_wall)):
-                row[name] = (hv(pts, 1, ref_lat), hv(pts, 2, ref_size), hv(cut, 1, ref_lat), hv(cut, 2, ref_size))
+            for name, pts, cut, trial, trained, wall in (("joint", j_pts, j_cut, j_trial, j_trained, j_wall),
+                                                         ("sequential", s_pts, s_cut, s_trial, s_trained, s_wall)):
+                row[name] = (hv(pts, 1, ref_lat), hv(pts, 2, ref_size), hv(cut, 1, ref_lat), hv(cut, 2, ref_size),
+                             hv(trial, 1, ref_trial))
                 reach = str(not_reached(j_pts, s_pts, 1)) if name == "joint" else ""
+                values = [f"{v:.4f}" for v in row[name]]
                 lines.append(f"| {dataset} | {seed} | {name} | {trained} | {len(pts)} | {wall:.0f} | "
-                             + " | ".join(f"{v:.4f}" for v in row[name]) + f" | {reach} |")
-            for key, i in (("lat", 0), ("size", 1), ("lat_wall", 2), ("size_wall", 3)):
+                             + " | ".join(values[:4]) + f" | {reach} | {values[4]} |")
+            for key, i in (("lat", 0), ("size", 1), ("lat_wall", 2), ("size_wall", 3), ("lat_trial", 4)):
                 wins[key] += row["joint"][i] >= row["sequential"][i]
             runs += 1
             print("\n".join(lines[-2:]), flush=True)
 
     summary = (f"joint >= sequential on {wins['lat']}/{runs} (acc-latency), {wins['size']}/{runs} (acc-size) "
-               f"at equal trained models; {wins['lat_wall']}/{runs} and {wins['size_wall']}/{runs} at equal wall-clock")
+               f"at equal trained models; {wins['lat_wall']}/{runs} and {wins['size_wall']}/{runs} at equal wall-clock; "
+               f"acc-latency with the trials' own timings: {wins['lat_trial']}/{runs}")
     cmd = "python bench/joint.py " + " ".join(sys.argv[1:])
     text = "\n".join([
         "# Joint architecture x compression search vs sequential (search, then compress top-k)", "",
         f"Command: `{cmd.strip()}`; space unireplk (tiny), surrogate strategy, {args.epochs} training epochs, "
         f"joint {args.trials} pairs; sequential: as many architectures as the joint run trained, then top-{args.top_k} "
         f"x {len(sequential_policies({'epochs': 2}))} policies. Machine: 2 CPU cores. Written {time.strftime('%Y-%m-%d')}.",
+        "", (f"Latencies: every model of both methods of a (data set, seed) timed again in {args.retime} interleaved "
+             "rounds (ORT, batch 1, one thread, shuffled order; median), float search trials in the deploy form "
+             "the identity policy ships; the last column keeps each trial's own timing."
+             if args.retime > 0 else "Latencies: each trial's own timing."),
         "", *lines, "", summary, "",
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)

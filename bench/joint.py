@@ -94,15 +94,12 @@ def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: i
 
 
 def points(
-    out: Path, joint: bool, until_s: float | None = None, retimed: dict[str, float] | None = None
+    recs: list[dict[str, Any]], joint: bool, until_s: float | None = None, retimed: dict[str, float] | None = None
 ) -> tuple[np.ndarray, int]:
     """(val_acc, onnx_latency_ms, file_bytes) of the run's completed models (NaN where a model
     has no such measurement), optionally only those completed within ``until_s`` of the start;
     and how many models it trained by then. ``retimed``: latencies by `model_key`, replacing
-    the ones each trial measured."""
-    from nas.search import open_store
-
-    recs = open_store(out, read_only=True).records()
+    the ones each trial measured. ``recs``: the run's store records (`records`)."""
     start = min(r["datetime_start"] for r in recs if r["datetime_start"] is not None)
     rows, trained = [], 0
     for r in recs:
@@ -115,6 +112,12 @@ def points(
         lat = m.get("onnx_latency_ms", np.nan) if retimed is None else retimed.get(model_key(r), np.nan)
         rows.append([m.get("val_acc", np.nan), lat, m.get("file_bytes", np.nan)])
     return np.array(rows, dtype=float).reshape(-1, 3), trained
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    from nas.search import open_store
+
+    return open_store(out, read_only=True).records()
 
 
 def model_key(record: dict[str, Any]) -> str:
@@ -214,20 +217,22 @@ def main() -> None:
     for dataset in args.datasets:
         for seed in args.seeds:
             j_out = run_joint(args, dataset, seed)
-            j_trial, j_trained = points(j_out, joint=True)
+            j_recs = records(j_out)
+            j_trial, j_trained = points(j_recs, joint=True)
             s_out = run_sequential(args, dataset, seed, max(1, j_trained))
-            s_trial, s_trained = points(s_out, joint=False)
+            s_recs = records(s_out)
+            s_trial, s_trained = points(s_recs, joint=False)
             timing = retime([j_out, s_out], args.retime, seed) if args.retime > 0 else {j_out: None, s_out: None}
-            j_pts, _ = points(j_out, joint=True, retimed=timing[j_out])
-            s_pts, _ = points(s_out, joint=False, retimed=timing[s_out])
+            j_pts, _ = points(j_recs, joint=True, retimed=timing[j_out])
+            s_pts, _ = points(s_recs, joint=False, retimed=timing[s_out])
             j_wall = float((j_out / "wall_s.txt").read_text())
             s_wall = float((s_out / "wall_s.txt").read_text())
             both = np.concatenate([j_pts, s_pts])
             ref_lat = 1.1 * np.nanmax(both[:, 1])
             ref_size = 1.1 * np.nanmax(both[:, 2])
             t = min(j_wall, s_wall)
-            j_cut, _ = points(j_out, joint=True, until_s=t, retimed=timing[j_out])
-            s_cut, _ = points(s_out, joint=False, until_s=t, retimed=timing[s_out])
+            j_cut, _ = points(j_recs, joint=True, until_s=t, retimed=timing[j_out])
+            s_cut, _ = points(s_recs, joint=False, until_s=t, retimed=timing[s_out])
             ref_trial = 1.1 * np.nanmax(np.concatenate([j_trial, s_trial])[:, 1])
             row = {}
             for name, pts, cut, trial, trained, wall in (("joint", j_pts, j_cut, j_trial, j_trained, j_wall),

@@ -86,8 +86,12 @@ class CompressionController:
         self.store.finish(candidate, result)
         self.in_flight.pop(candidate.number, None)
 
+    @staticmethod
+    def _retry_key(candidate: Candidate) -> tuple[str, str]:
+        return candidate.genotype.to_str(), candidate.policy
+
     def retries_used(self, candidate: Candidate) -> int:
-        return self.retries.get((candidate.genotype.to_str(), candidate.policy), 0)
+        return self.retries.get(self._retry_key(candidate), 0)
 
     def retry(
         self,
@@ -101,12 +105,11 @@ class CompressionController:
         """As `SearchController.retry`: the trial was lost to the infrastructure; its row is
         recorded "interrupted: <reason>" (not counted, so a resume would run it again too) and
         the candidate goes first in line, up to ``max_retries`` times, then it is a failure."""
-        key = (candidate.genotype.to_str(), candidate.policy)
-        used = self.retries.get(key, 0)
+        used = self.retries_used(candidate)
         if used >= max_retries:
             self.finish(candidate, TrialResult("failed", {}, tuple(history), reason, duration_s))
             return False
-        self.retries[key] = used + 1
+        self.retries[self._retry_key(candidate)] = used + 1
         self.todo.insert(0, (candidate.genotype, candidate.policy))
         lost = TrialResult("failed", {}, tuple(history), f"interrupted: {reason}", duration_s)
         self.finish(candidate, lost)

@@ -143,10 +143,11 @@ class SurrogateGuided(Strategy):
         return fresh or [g for k, g in out.items() if k not in seen] or list(out.values())
 
     def _propose(self) -> Genotype:
-        asked = set(self.asked)
-        for key in self.initial:  # `asked` is state, so a resumed run skips the ones done
-            if key not in asked:
-                return self.space.from_str(key)
+        if self.initial:  # `asked` is state, so a resumed run skips the ones done
+            asked = set(self.asked)
+            for key in self.initial:
+                if key not in asked:
+                    return self.space.from_str(key)
         if len(self.history) < self.n_init:  # failed trials count: they are data too
             return self.space.sample(self.rng)
         done = self.finished()

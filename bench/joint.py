@@ -46,7 +46,7 @@ def sequential_policies(finetune: dict[str, Any]) -> list[str]:
     int8 = ("int8", {"format": "qoperator", "calibration": "minmax", "per_channel": True})
     out = [Policy.of(), Policy.of(int8)]
     for ratio in (0.3, 0.5):
-        prune = ("structured", {"ratio": ratio, "importance": "l1", "round_to": 1})
+        prune = ("structured", {"ratio": ratio, "importance": "l1", "round_to": 8})
         out += [Policy.of(prune, ("finetune", finetune)), Policy.of(prune, ("finetune", finetune), int8)]
     return [p.to_str() for p in out]
 

@@ -87,7 +87,7 @@ class JointSpace(SearchSpace):
         "granularities": _GRANULARITIES,
         "finetune": {"epochs": 2, "lr": 3e-3, "kd": True},  # after pruning / low rank
         "importance": "l1",
-        "round_to": 1,
+        "round_to": 8,  # channel multiple kept by pruning (see the structured pass)
     }
 
     def __init__(self, name: str = JOINT_SPACE, **options: Any):

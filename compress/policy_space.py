@@ -73,7 +73,7 @@ class PolicySpace(SearchSpace):
         "model": {},  # model totals: params, macs, layers, depthwise MAC share
         "finetune": {"epochs": 2, "lr": 1e-3, "kd": True},
         "importance": "l1",
-        "round_to": 1,  # channel multiple kept by pruning (8 suits ORT's blocked conv kernels)
+        "round_to": 8,  # channel multiple kept by pruning (see the structured pass)
         "prune_ratios": PRUNE_RATIOS,
         "rank_kept": RANK_KEPT,
         "calibrations": CALIBRATIONS,

@@ -54,7 +54,9 @@ def _space_model(name: str, shape: tuple[int, ...], seed: int) -> nn.Module:
 
 
 def _settings(**kw: object) -> dict:
-    return {**P.defaults, **kw}
+    """The defaults, but any channel count allowed: these tests check which channels go, exactly
+    (the default grid of 8 is checked on its own, `test_default_keeps_multiples_of_8`)."""
+    return {**P.defaults, "round_to": 1, **kw}
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
@@ -258,6 +260,17 @@ def test_round_to_keeps_multiples(space: str, shape: tuple[int, ...]) -> None:
     assert all(new[n] % 8 == 0 and new[n] > 0 for n in changed)
     _assert_same_state(P.replay(copy.deepcopy(model), record, _ctx(shape)), pruned)
 
+
+
+def test_default_keeps_multiples_of_8() -> None:
+    """The pass's own default keeps channel counts on ONNX Runtime's kernel grid (a policy that
+    says only ``ratio`` must not make the model slower by leaving odd widths)."""
+    assert P.defaults["round_to"] == 8
+    model = _space_model("unireplk", IMG, seed=0)
+    pruned, _ = P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.4}, _ctx(IMG))
+    old, new = _widths(model), _widths(pruned)
+    changed = [n for n in new if new[n] != old[n]]
+    assert changed and all(new[n] % 8 == 0 for n in changed)
 
 # -- settings at work ----------------------------------------------------------------------------
 

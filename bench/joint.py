@@ -66,7 +66,7 @@ def run_joint(args: argparse.Namespace, dataset: str, seed: int) -> Path:
     if (out / "pareto.csv").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=args.trials,
+    cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=args.trials, tiny=not args.full_size,
                        epochs=args.epochs, seed=seed, joint=True, objectives=JOINT_OBJECTIVES, out=str(out))
     wall = _timed(lambda: run_search(cfg, plan=JointPlan()))
     (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
@@ -83,7 +83,7 @@ def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: i
     if (out / "compress.csv").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=trained,
+    cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=trained, tiny=not args.full_size,
                        epochs=args.epochs, seed=seed, objectives=SEQUENTIAL_OBJECTIVES, out=str(out))
     finetune = dict(JointSpace.default_options["finetune"])
     wall = _timed(lambda: run_search(cfg))
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="joint pairs per run")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--full-size", action="store_true",
+                        help="the space's full macro setting (models where compression changes latency), not the tiny one")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "joint_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "joint.md")
     parser.add_argument("--retime", type=int, default=5, metavar="ROUNDS",
@@ -254,7 +256,7 @@ def main() -> None:
     cmd = "python bench/joint.py " + " ".join(sys.argv[1:])
     text = "\n".join([
         "# Joint architecture x compression search vs sequential (search, then compress top-k)", "",
-        f"Command: `{cmd.strip()}`; space unireplk (tiny), surrogate strategy, {args.epochs} training epochs, "
+        f"Command: `{cmd.strip()}`; space unireplk ({'full size' if args.full_size else 'tiny'}), surrogate strategy, {args.epochs} training epochs, "
         f"joint {args.trials} pairs; sequential: as many architectures as the joint run trained, then top-{args.top_k} "
         f"x {len(sequential_policies({'epochs': 2}))} policies. Machine: 2 CPU cores. Written {time.strftime('%Y-%m-%d')}.",
         "", (f"Latencies: every model of both methods of a (data set, seed) timed again in {args.retime} interleaved "

@@ -272,6 +272,16 @@ def test_default_keeps_multiples_of_8() -> None:
     changed = [n for n in new if new[n] != old[n]]
     assert changed and all(new[n] % 8 == 0 for n in changed)
 
+
+def test_odd_channel_counts_are_named_in_the_notes() -> None:
+    """Off the grid a 2-D model can get slower (results/round_to.md): the user is told, once."""
+    model = _space_model("unireplk", IMG, seed=0)
+    odd, grid = _ctx(IMG), _ctx(IMG)
+    P.apply(copy.deepcopy(model), _settings(ratio=0.3, round_to=1), odd)
+    P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.3}, grid)
+    assert [n for n in odd.notes if "off a multiple of 4" in n], odd.notes
+    assert not [n for n in grid.notes if "off a multiple of 4" in n], grid.notes
+
 # -- settings at work ----------------------------------------------------------------------------
 
 

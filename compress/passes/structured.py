@@ -158,8 +158,13 @@ class StructuredPruning:
             ctx.notes.append(f"structured: left unpruned (Torch-Pruning cannot prune them safely): {', '.join(left[:8])}"
                              + (f" and {len(left) - 8} more" if len(left) > 8 else ""))
         after = profile(work, shape)
-        return work, _record(shape, history, _layer_widths(model, work), sorted({*skipped, *failed, *unsafe}),
-                             before, after)
+        layers = _layer_widths(model, work)
+        odd = sorted(n for n, (_, kept) in layers.items() if kept % 4)
+        if odd and len(shape) == 3:  # 2-D convs: 1-D ones barely care (results/round_to_mnist1d.md)
+            ctx.notes.append(f"structured: round_to={s['round_to']} left {len(odd)} layer(s) with channel counts "
+                             f"off a multiple of 4 (e.g. {odd[0]}: {layers[odd[0]][1]}); ONNX Runtime may run such "
+                             "a model slower than the unpruned one (round_to=8 keeps them on its kernels' grid)")
+        return work, _record(shape, history, layers, sorted({*skipped, *failed, *unsafe}), before, after)
 
     # -- replay -------------------------------------------------------------------------------------
     def replay(self, model: torch.nn.Module, record: Mapping[str, Any], ctx: PassContext) -> Any:

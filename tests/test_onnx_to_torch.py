@@ -151,7 +151,7 @@ def test_structured_pruning_then_finetune_on_converted_torchscript(tmp_path) -> 
 
     ctx = PassContext(load_dataset("digits", seed=0), calib_size=64)
     gm = to_eager(_script(resnet_cnn(10, 1), "script", (1, 8, 8)), (1, 8, 8))
-    pruned = Policy.of(("structured", {"ratio": 0.5})).apply(gm, ctx).model
+    pruned = Policy.of(("structured", {"ratio": 0.5, "round_to": 4})).apply(gm, ctx).model  # layer1 is 8 wide: the default grid of 8 cannot thin it
     assert profile(pruned, (1, 8, 8)).params < profile(gm, (1, 8, 8)).params
     assert pruned.get_submodule("layer1.conv1").out_channels < gm.get_submodule("layer1.conv1").out_channels
     x = torch.randn(3, 1, 8, 8)

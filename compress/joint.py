@@ -71,6 +71,7 @@ JOINT_METRICS = (
 DEFAULT_OBJECTIVES = ("val_acc", "onnx_latency_ms", "file_bytes")
 _INT8 = ("float", "int8")
 _GRANULARITIES = ("per_channel", "per_tensor")
+_INT8_SETTINGS = ("c_calibration", "c_granularity")
 
 
 class JointSpace(SearchSpace):
@@ -302,10 +303,21 @@ class ReuseTrained(Strategy):
                 options.append(g)
         if not options:
             return None
+        # a follow-up is there to see how the architecture compresses: a new kind (pruning ratio,
+        # rank, int8 on/off) first; another calibration of a kind it already ran lands next to
+        # that point (the first full-size digits runs spent follow-ups on int8 x calibrations)
+        pairs = [space.from_str(text) for text in asked if text.startswith(f"{space.name}@")]
+        tried = {self._kind(g) for g in pairs if space.architecture(g) == arch}
+        options = [g for g in options if self._kind(g) not in tried] or options
         rank = getattr(self.inner, "rank", None)
         if rank is not None:
             return rank(options)[0]
         return options[int(self.rng.integers(len(options)))]
+
+    def _kind(self, g: Genotype) -> tuple[Any, ...]:
+        """The policy's coarse kind: every compression decision but int8's settings."""
+        values = self.jspace.to_dims(g)
+        return tuple(values[d.name] for d in self.jspace.policy_decisions if d.name not in _INT8_SETTINGS)
 
     def tell(self, genotype: Genotype, losses: Sequence[float] | None, violation: float = 0.0) -> None:
         self.inner.tell(genotype, losses, violation)

@@ -213,9 +213,14 @@ def test_reuse_tries_more_policies_on_a_trained_architecture(inner):
     assert len({g.to_str() for g in asked}) == 12  # no pair twice
     assert archs.count(archs[0]) == 1
     counts = {a: archs.count(a) for a in archs}
-    assert max(counts.values()) == 3 and sum(c == 3 for c in counts.values()) >= 3
+    if inner == "random":  # the surrogate may itself propose new policies on its best architecture
+        assert max(counts.values()) == 3 and sum(c == 3 for c in counts.values()) >= 3
+    assert sum(c >= 3 for c in counts.values()) >= 2
     # a follow-up comes right after its architecture's first pair was told (one at a time here)
     assert archs[1] != archs[0] and archs[2] == archs[1] and archs[3] == archs[1]
+    # its follow-ups are other kinds of compression (ratio, int8 on/off), not another calibration
+    kinds = [strat._kind(g) for g in asked[1:4]]
+    assert len(set(kinds)) == 3, [space.policy(g).label() for g in asked[1:4]]
     # the state round-trips: a restored copy asks exactly what the original asks next
     copy = ReuseTrained(make_strategy(inner, space, n_objectives=2, seed=0, **({"n_init": 2} if inner == "surrogate" else {})), 3)
     copy.load_state_dict(json.loads(json.dumps(strat.state_dict())))

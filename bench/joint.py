@@ -66,8 +66,10 @@ def run_joint(args: argparse.Namespace, dataset: str, seed: int) -> Path:
     if (out / "pareto.csv").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
+    options = {"n_init": args.joint_n_init} if args.joint_n_init else {}
     cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=args.trials, tiny=not args.full_size,
-                       epochs=args.epochs, seed=seed, joint=True, objectives=JOINT_OBJECTIVES, out=str(out))
+                       epochs=args.epochs, seed=seed, joint=True, objectives=JOINT_OBJECTIVES, out=str(out),
+                       strategy_options=options)
     wall = _timed(lambda: run_search(cfg, plan=JointPlan()))
     (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
     return out
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="joint pairs per run")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--joint-n-init", type=int, default=0, metavar="PAIRS",
+                        help="the joint surrogate's random initial pairs (0: the strategy's default, 10)")
     parser.add_argument("--full-size", action="store_true",
                         help="the space's full macro setting (models where compression changes latency), not the tiny one")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "joint_runs")

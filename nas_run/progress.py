@@ -33,6 +33,7 @@ TRIAL_COLUMNS = (
     "error",
     "genotype",
 )
+COMPRESSED_COLUMNS = ("onnx_latency_ms", "file_bytes", "trained")
 
 
 def print_trials(store: Any, stream: Any = None) -> None:
@@ -42,6 +43,14 @@ def print_trials(store: Any, stream: Any = None) -> None:
         print("(no trials yet)", file=stream or sys.stdout)
         return
     cols = [c for c in TRIAL_COLUMNS if c in df.columns]
+    if "stage" in df.columns and df["stage"].eq("compress").any():
+        # compression / joint trials: what was measured after compression, and the policy by name
+        from compress.policy import Policy
+
+        df = df.assign(policy=[Policy.from_json(p).label() if isinstance(p, str) and p else "none"
+                               for p in df.get("policy", [""] * len(df))])
+        extra = [c for c in COMPRESSED_COLUMNS if c in df.columns]
+        cols = cols[:3] + extra + [c for c in cols[3:] if c not in extra] + ["policy"]
     print(df[cols].to_string(index=False, max_colwidth=70), file=stream or sys.stdout)
 
 

@@ -110,7 +110,7 @@ def _joint_cmd(out: Path, trials: int, strategy: str = "random", *extra: str) ->
     return ["search", *_joint_flags(trials, strategy, *extra), "--out", str(out), "--quiet"]
 
 
-def test_joint_run_records_pairs_that_report_and_export_read(tmp_path):
+def test_joint_run_records_pairs_that_report_and_export_read(tmp_path, capsys):
     out = tmp_path / "joint"
     limit = 15000.0
     assert main(_joint_cmd(out, 4, "surrogate", "--joint-policy", "prune+int8",
@@ -132,6 +132,12 @@ def test_joint_run_records_pairs_that_report_and_export_read(tmp_path):
         fmt = "onnx-int8" if '"int8"' in policy else "onnx"
         assert main(["export", str(out), "--trial", str(n), "--format", fmt, "--out", str(tmp_path / f"{n}.onnx")]) == 0
     assert main(["show", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["show", str(out), "--all"]) == 0  # each pair's measurements and policy by name
+    shown = capsys.readouterr().out
+    assert "onnx_latency_ms" in shown and "file_bytes" in shown
+    labels = [Policy.from_json(p).label() if p else "none" for p in done.policy]
+    assert all(label[:40] in shown for label in labels), (labels, shown)
     # a policy search per layer on the joint front's best architecture, from its trained weights
     assert main(["compress", "--run", str(out), "--top-k", "1", "--search", "random", "--budget", "2",
                  "--policy-space", "int8", "--quiet"]) == 0

@@ -296,18 +296,18 @@ class ReuseTrained(Strategy):
         arch = space.architectures.from_str(arch_text)
         asked = set(self.inner.asked)
         dims = list(space.policy_decisions)
-        options = []
+        options, tried = [], set()
         for values in itertools.product(*(d.choices for d in dims)):
             g = space.pair(arch, dict(zip((d.name for d in dims), values, strict=True)))
-            if g.to_str() not in asked and g not in options:
+            if g.to_str() in asked:
+                tried.add(self._kind(g))
+            elif g not in options:
                 options.append(g)
         if not options:
             return None
         # a follow-up is there to see how the architecture compresses: a new kind (pruning ratio,
         # rank, int8 on/off) first; another calibration of a kind it already ran lands next to
         # that point (the first full-size digits runs spent follow-ups on int8 x calibrations)
-        pairs = [space.from_str(text) for text in asked if text.startswith(f"{space.name}@")]
-        tried = {self._kind(g) for g in pairs if space.architecture(g) == arch}
         options = [g for g in options if self._kind(g) not in tried] or options
         rank = getattr(self.inner, "rank", None)
         if rank is not None:

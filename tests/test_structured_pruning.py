@@ -55,7 +55,7 @@ def _space_model(name: str, shape: tuple[int, ...], seed: int) -> nn.Module:
 
 def _settings(**kw: object) -> dict:
     """The defaults, but any channel count allowed: these tests check which channels go, exactly
-    (the default grid of 8 is checked on its own, `test_default_keeps_multiples_of_8`)."""
+    (the default grid of 8 is checked on its own, `test_round_to_keeps_multiples`)."""
     return {**P.defaults, "round_to": 1, **kw}
 
 
@@ -252,25 +252,16 @@ def test_zero_ratio_is_identity(space: str, shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize(("space", "shape"), [("unireplk", IMG), ("darts", IMG), ("nb201", IMG)])
 def test_round_to_keeps_multiples(space: str, shape: tuple[int, ...]) -> None:
+    """The pass's own default keeps channel counts on ONNX Runtime's kernel grid (a policy that
+    says only ``ratio`` must not make the model slower by leaving odd widths)."""
+    assert P.defaults["round_to"] == 8
     model = _space_model(space, shape, seed=0)
-    pruned, record = P.apply(copy.deepcopy(model), _settings(ratio=0.4, round_to=8), _ctx(shape))
+    pruned, record = P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.4}, _ctx(shape))
     old, new = _widths(model), _widths(pruned)
     changed = [n for n in new if new[n] != old[n]]
     assert changed, "round_to=8 should still prune the wider layers"
     assert all(new[n] % 8 == 0 and new[n] > 0 for n in changed)
     _assert_same_state(P.replay(copy.deepcopy(model), record, _ctx(shape)), pruned)
-
-
-
-def test_default_keeps_multiples_of_8() -> None:
-    """The pass's own default keeps channel counts on ONNX Runtime's kernel grid (a policy that
-    says only ``ratio`` must not make the model slower by leaving odd widths)."""
-    assert P.defaults["round_to"] == 8
-    model = _space_model("unireplk", IMG, seed=0)
-    pruned, _ = P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.4}, _ctx(IMG))
-    old, new = _widths(model), _widths(pruned)
-    changed = [n for n in new if new[n] != old[n]]
-    assert changed and all(new[n] % 8 == 0 for n in changed)
 
 
 def test_odd_channel_counts_are_named_in_the_notes() -> None:
@@ -281,6 +272,7 @@ def test_odd_channel_counts_are_named_in_the_notes() -> None:
     P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.3}, grid)
     assert [n for n in odd.notes if "off a multiple of 4" in n], odd.notes
     assert not [n for n in grid.notes if "off a multiple of 4" in n], grid.notes
+
 
 # -- settings at work ----------------------------------------------------------------------------
 

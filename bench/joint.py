@@ -203,8 +203,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="joint pairs per run")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--joint-n-init", type=int, default=0, metavar="PAIRS",
-                        help="the joint surrogate's random initial pairs (0: the strategy's default, 10)")
+    parser.add_argument("--joint-n-init", type=int, default=0, metavar="ARCHS",
+                        help="the joint surrogate's random initial architectures (0: the strategy's default, 10)")
     parser.add_argument("--full-size", action="store_true",
                         help="the space's full macro setting (models where compression changes latency), not the tiny one")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "joint_runs")

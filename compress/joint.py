@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nas.strategies.base import Strategy
+from nas.strategies.surrogate_guided import SurrogateGuided
 from nas.trial import Candidate, Reporter
 from search_spaces import (
     ConfigError,
@@ -187,6 +188,15 @@ class JointSpace(SearchSpace):
             steps.append(("int8", int8))
         return Policy.of(*steps)
 
+    def float_values(self) -> dict[str, Any] | None:
+        """The policy decisions of no compression (the trained float model as it ships), or None
+        where the configured choices cannot express it (e.g. no pruning ratio 0)."""
+        identity = {"c_prune": 0.0, "c_rank": 1.0, "c_int8": "float"}
+        values = {d.name: identity.get(d.name, d.choices[0]) for d in self._policy}
+        if any(d.name in identity and values[d.name] not in d.choices for d in self._policy):
+            return None
+        return values
+
     def pair(self, architecture: Genotype, policy_values: Mapping[str, Any]) -> Genotype:
         """The joint genotype of an architecture and policy decisions (``c_*`` values)."""
         return self.validate(self.from_dims({**self.architectures.to_dims(architecture), **policy_values}))
@@ -250,9 +260,14 @@ class JointRows:
 class ReuseTrained(Strategy):
     """Any strategy over a `JointSpace`, made to reuse trained weights: once a pair with a new
     architecture has run, the next asks include ``per_architecture - 1`` other policies on that
-    same architecture — compression only, no training — chosen by the inner strategy's `rank`
-    where it has one (the XGBoost surrogate predicts which policy suits this architecture), else
-    at random. Everything is told to the inner strategy, so it learns from every pair.
+    same architecture — compression only, no training. The first is the float pair (no
+    compression) unless the architecture's first pair was float already: it costs an export and
+    a timing, and it is the architecture's most accurate shippable point — without it the
+    accurate end of the front is left to chance (the sequential baseline ships every searched
+    architecture's float model; tiny digits runs lost on latency where joint runs lacked them).
+    The others are chosen by the inner strategy's `rank` where it has one (the XGBoost surrogate
+    predicts which policy suits this architecture), else at random. Everything is told to the
+    inner strategy, so it learns from every pair.
 
     Follow-ups wait until the architecture's first pair has finished (and are dropped if it
     failed): under Ray, two trials of one untrained architecture would both train it."""
@@ -305,6 +320,9 @@ class ReuseTrained(Strategy):
                 options.append(g)
         if not options:
             return None
+        floats = space.float_values()
+        if floats is not None and (float_pair := space.pair(arch, floats)) in options:
+            return float_pair  # not asked yet on this architecture
         # a follow-up is there to see how the architecture compresses: a new kind (pruning ratio,
         # rank, int8 on/off) first; another calibration of a kind it already ran lands next to
         # that point (the first full-size digits runs spent follow-ups on int8 x calibrations)
@@ -390,7 +408,14 @@ class JointPlan:
         per = cfg.joint_options.get(PER_ARCHITECTURE, DEFAULT_PER_ARCHITECTURE)
         if isinstance(per, bool) or not isinstance(per, int) or per < 1:
             raise ConfigError(f"joint_options.{PER_ARCHITECTURE} must be an integer >= 1, got {per!r}")
-        return ReuseTrained(strategy, per) if per > 1 else strategy
+        if per == 1:
+            return strategy
+        if isinstance(strategy, SurrogateGuided):
+            # its initial design counts architectures: the first n_init are random, each with
+            # its follow-ups (n_init pairs would be ~n_init / per architectures, after which it
+            # mutates its best — full-size digits runs spent 5 of 8 architectures on near-copies)
+            strategy.n_init *= per
+        return ReuseTrained(strategy, per)
 
     def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
         from .run import search_run_evaluator

@@ -227,10 +227,34 @@ def test_reuse_tries_more_policies_on_a_trained_architecture(inner):
     # its follow-ups are other kinds of compression (ratio, int8 on/off), not another calibration
     kinds = [strat._kind(g) for g in asked[1:4]]
     assert len(set(kinds)) == 3, [space.policy(g).label() for g in asked[1:4]]
+    # and one of them is the float pair (no compression): the architecture's most accurate point
+    floats = space.float_values()
+    assert floats is not None
+    for arch in (a for a, c in counts.items() if c >= 2):
+        assert space.pair(space.architectures.from_str(arch), floats).to_str() in strat.asked, arch
     # the state round-trips: a restored copy asks exactly what the original asks next
     copy = ReuseTrained(make_strategy(inner, space, n_objectives=2, seed=0, **({"n_init": 2} if inner == "surrogate" else {})), 3)
     copy.load_state_dict(json.loads(json.dumps(strat.state_dict())))
     assert [copy.ask().to_str() for _ in range(3)] == [strat.ask().to_str() for _ in range(3)]
+
+
+def test_float_pair_and_initial_design_by_architecture():
+    from compress.joint import ReuseTrained
+
+    space = _joint("unireplk")
+    assert space.policy(space.pair(space.architectures.sample(np.random.default_rng(0)), space.float_values())).passes == ()
+    no_identity = JointSpace(arch_space="unireplk", arch_options=dict(get_space("unireplk").tiny().options),
+                             prune_ratios=(0.3, 0.5))
+    assert no_identity.float_values() is None  # no pruning ratio 0: no float pair to ask
+    cfg = SearchConfig(space="unireplk", dataset="mnist1d", strategy="surrogate", joint=True, tiny=True,
+                       joint_options={"policies_per_architecture": 3})
+    strat = JointPlan().strategy(cfg, make_strategy("surrogate", space, n_objectives=3, seed=0, n_init=4))
+    assert isinstance(strat, ReuseTrained) and strat.inner.n_init == 12
+    rng = np.random.default_rng(1)
+    for _ in range(12):  # random initial design: 4 architectures, each with its 2 follow-ups
+        g = strat.ask()
+        strat.tell(g, tuple(rng.random(3)), 0.0)
+    assert len(strat.tried) == 4 and set(strat.tried.values()) == {3}
 
 
 def test_joint_run_trains_fewer_models_than_it_evaluates(tmp_path):

@@ -197,6 +197,21 @@ class JointSpace(SearchSpace):
             return None
         return values
 
+    def policy_variants(self, g: Genotype) -> list[Genotype]:
+        """Every distinct pair of ``g``'s architecture (the surrogate's `variants`)."""
+        return self.pairs_of(self.architecture(g))
+
+    def pairs_of(self, arch: Genotype) -> list[Genotype]:
+        """Every distinct pair of an architecture: each policy the decisions can express."""
+        import itertools
+
+        names = [d.name for d in self._policy]
+        out: dict[str, Genotype] = {}
+        for values in itertools.product(*(d.choices for d in self._policy)):
+            pair = self.pair(arch, dict(zip(names, values, strict=True)))
+            out.setdefault(pair.to_str(), pair)
+        return list(out.values())
+
     def pair(self, architecture: Genotype, policy_values: Mapping[str, Any]) -> Genotype:
         """The joint genotype of an architecture and policy decisions (``c_*`` values)."""
         return self.validate(self.from_dims({**self.architectures.to_dims(architecture), **policy_values}))
@@ -305,18 +320,14 @@ class ReuseTrained(Strategy):
         return g
 
     def _follow_up(self, arch_text: str) -> Genotype | None:
-        import itertools
-
         space = self.jspace
         arch = space.architectures.from_str(arch_text)
         asked = set(self.inner.asked)
-        dims = list(space.policy_decisions)
         options, tried = [], set()
-        for values in itertools.product(*(d.choices for d in dims)):
-            g = space.pair(arch, dict(zip((d.name for d in dims), values, strict=True)))
+        for g in space.pairs_of(arch):
             if g.to_str() in asked:
                 tried.add(self._kind(g))
-            elif g not in options:
+            else:
                 options.append(g)
         if not options:
             return None
@@ -408,14 +419,19 @@ class JointPlan:
         per = cfg.joint_options.get(PER_ARCHITECTURE, DEFAULT_PER_ARCHITECTURE)
         if isinstance(per, bool) or not isinstance(per, int) or per < 1:
             raise ConfigError(f"joint_options.{PER_ARCHITECTURE} must be an integer >= 1, got {per!r}")
-        if per == 1:
-            return strategy
         if isinstance(strategy, SurrogateGuided):
+            # an architecture is judged by its best predicted policy, not the one it was drawn with
+            strategy.variants = strategy.variants or self._variants(strategy.space)
             # its initial design counts architectures: the first n_init are random, each with
             # its follow-ups (n_init pairs would be ~n_init / per architectures, after which it
             # mutates its best — full-size digits runs spent 5 of 8 architectures on near-copies)
             strategy.n_init *= per
-        return ReuseTrained(strategy, per)
+        return ReuseTrained(strategy, per) if per > 1 else strategy
+
+    @staticmethod
+    def _variants(space: SearchSpace) -> Callable[[Genotype], list[Genotype]]:
+        assert isinstance(space, JointSpace)
+        return space.policy_variants
 
     def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
         from .run import search_run_evaluator

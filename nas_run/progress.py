@@ -50,7 +50,9 @@ def print_trials(store: Any, stream: Any = None) -> None:
         df = df.assign(policy=[Policy.from_json(p).label() if isinstance(p, str) and p else "none"
                                for p in df.get("policy", [""] * len(df))])
         extra = [c for c in COMPRESSED_COLUMNS if c in df.columns]
-        cols = cols[:3] + extra + [c for c in cols[3:] if c not in extra] + ["policy"]
+        rest = [c for c in cols if c not in extra]
+        at = rest.index("val_acc") + 1 if "val_acc" in rest else len(rest)  # next to the accuracy
+        cols = rest[:at] + extra + rest[at:] + ["policy"]
     print(df[cols].to_string(index=False, max_colwidth=70), file=stream or sys.stdout)
 
 

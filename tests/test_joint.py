@@ -257,6 +257,38 @@ def test_float_pair_and_initial_design_by_architecture():
     assert len(strat.tried) == 4 and set(strat.tried.values()) == {3}
 
 
+def test_surrogate_judges_an_architecture_by_its_best_predicted_policy():
+    """With the joint space's policy variants, a new architecture comes with the policy the
+    surrogate predicts best for it, not the one its pool pair was drawn with."""
+    space = _joint("unireplk")
+    strat = make_strategy("surrogate", space, n_objectives=1, seed=0, n_init=1, pool=200)
+    strat.variants = space.policy_variants
+    best = {"c_prune": 0.5, "c_int8": "int8"}
+
+    def loss(g):  # only the policy matters here (plus a little architecture noise)
+        v = space.to_dims(g)
+        return float(not all(v[k] == x for k, x in best.items())) + 0.01 * (len(space.architecture(g).to_str()) % 7)
+
+    rng = np.random.default_rng(0)
+    for i in range(18):  # every kind seen, on random architectures
+        arch = space.architectures.sample(rng)
+        values = {**space.float_values(), "c_prune": (0.0, 0.3, 0.5)[i % 3], "c_int8": ("float", "int8")[i // 3 % 2]}
+        g = space.pair(arch, values)
+        strat.asked.append(g.to_str())
+        strat.tell(g, (loss(g),), 0.0)
+    proposed = []
+    for _ in range(6):
+        g = strat.ask()
+        proposed.append(g)
+        strat.tell(g, (loss(g),), 0.0)
+    hits = sum(all(space.to_dims(g)[k] == x for k, x in best.items()) for g in proposed)
+    assert hits == 6, [space.policy(g).label() for g in proposed]
+    # a pool pair's variants: every policy on its architecture, each once
+    variants = space.policy_variants(proposed[0])
+    assert len({v.to_str() for v in variants}) == len(variants) == 3 * (1 + 3 * 2)
+    assert {space.architecture(v).to_str() for v in variants} == {space.architecture(proposed[0]).to_str()}
+
+
 def test_joint_run_trains_fewer_models_than_it_evaluates(tmp_path):
     out = tmp_path / "reuse"
     assert main(_joint_cmd(out, 6, "random")) == 0

@@ -27,6 +27,13 @@ Initial design (``initial``): genotype strings asked first, in order, before the
 per-layer pruning search (`PolicySpace.uniform_points`), so the surrogate's result is never worse
 than them on the data it saw and its random starts are spent on the rest of the space.
 
+Variants (``variants``): a function from a candidate to the candidates that share its costly
+part, e.g. every compression policy of one architecture in a joint search (`compress.joint`).
+The shortlist's candidates are then rescored with all their variants, so a candidate drawn with
+an unlucky cheap part is judged by its best one: a joint pool's pairs carry a random policy, and
+ranking an architecture by that policy alone chose architectures for the policy they happened
+to be drawn with.
+
 Transfer (``prior``): observations of *another* search — ``[[encoding, losses or None,
 violation], ...]`` with encodings of this space's width, e.g. a policy search of another model,
 whose `PolicySpace.encode` carries model features — join every fit, their losses min-max
@@ -69,6 +76,7 @@ class SurrogateGuided(Strategy):
         min_feasible: float = 0.5,
         prior: list | None = None,
         initial: list | None = None,
+        variants: Callable[[Genotype], list[Genotype]] | None = None,
     ):
         super().__init__(space, n_objectives, seed)
         if isinstance(initial, str):
@@ -92,6 +100,7 @@ class SurrogateGuided(Strategy):
         self.stats_fn = stats_fn
         self.surrogate_params = dict(surrogate or {})
         self.shortlist = shortlist
+        self.variants = variants
         self._features: dict[str, np.ndarray] = {}  # caches by genotype string
         self._stats: dict[str, np.ndarray] = {}
 
@@ -161,13 +170,29 @@ class SurrogateGuided(Strategy):
         if len(done) + int(self._prior[2].sum()) < 2:  # no loss model yet: the candidate most likely to run
             return cands[int(np.argmax(p_run))] if p_run is not None else cands[0]
         score = self._score(done, cands, norm, violation, weights, with_stats=False)
-        if self.stats_fn is not None:
-            # Model statistics cost a model build each (10-100 ms), too much for the whole pool:
-            # rescore only the shortlist the encoding-only surrogate likes best.
-            top = np.argsort(score, kind="stable")[: self.shortlist]
-            cands, _ = self._feasible([cands[int(i)] for i in top], with_stats=True)
-            score = self._score(done, cands, norm, violation, weights, with_stats=True)
+        if self.stats_fn is not None or self.variants is not None:
+            # Model statistics cost a model build each (10-100 ms), and variants multiply the
+            # candidates, too much for the whole pool: only the shortlist the encoding-only
+            # surrogate likes best is rescored (with its variants).
+            top = [cands[int(i)] for i in np.argsort(score, kind="stable")[: self.shortlist]]
+            stats = self.stats_fn is not None
+            cands, _ = self._feasible(self._with_variants(top), with_stats=stats)
+            score = self._score(done, cands, norm, violation, weights, with_stats=stats)
         return cands[int(np.argmin(score))]
+
+    def _with_variants(self, cands: list[Genotype]) -> list[Genotype]:
+        """The candidates and their variants not asked yet, each once, in order."""
+        if self.variants is None:
+            return cands
+        seen = set(self.asked)
+        out: dict[str, Genotype] = {}
+        for g in cands:
+            out.setdefault(g.to_str(), g)
+            for v in self.variants(g):
+                key = v.to_str()
+                if key not in seen:
+                    out.setdefault(key, v)
+        return list(out.values())
 
     def _normalised(self, done: list[tuple[Genotype, tuple[float, ...], float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Min-max normalised losses of the finished trials, their violations, and this ask's

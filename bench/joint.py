@@ -82,7 +82,8 @@ def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: i
     from nas.search import run_search
 
     out = args.work / f"sequential-{dataset}-s{seed}"
-    if (out / "compress.csv").is_file():
+    done = out / "trained.txt"  # reused only at the same number of searched architectures
+    if (out / "compress.csv").is_file() and done.is_file() and int(done.read_text()) == trained:
         return out
     shutil.rmtree(out, ignore_errors=True)
     cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=trained, tiny=not args.full_size,
@@ -92,6 +93,7 @@ def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: i
     wall += _timed(lambda: run_compress(CompressConfig(run=str(out), top_k=args.top_k,
                                                        policies=tuple(sequential_policies(finetune)))))
     (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    done.write_text(f"{trained}\n")
     return out
 
 

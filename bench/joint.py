@@ -16,6 +16,11 @@ joint one its pairs. "Equal wall-clock" truncates the longer method at the short
 (trials that completed by then). "Not reached" counts joint front points (latency) that no
 sequential point dominates.
 
+Paired (the default): the sequential search's initial design is the joint run's first ``n_init``
+trained architectures (random, common to both), so the comparison measures what each method
+does with the same start; with 16 architectures, unpaired fronts were decided by which random
+architectures each method happened to draw (``--unpaired`` restores that).
+
     python bench/joint.py                         # mnist1d and digits, 3 seeds: ~1-2 h on 2 cores
     python bench/joint.py --datasets mnist1d --seeds 0 --trials 8 --epochs 2   # a quick look
 """
@@ -23,6 +28,7 @@ sequential point dominates.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -75,25 +81,34 @@ def run_joint(args: argparse.Namespace, dataset: str, seed: int) -> Path:
     return out
 
 
-def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: int) -> Path:
+def first_architectures(recs: list[dict[str, Any]], n: int) -> list[str]:
+    """The first ``n`` architectures a joint run trained (its random initial design), in order."""
+    trained = sorted((r for r in recs if r["status"] == "complete" and r["metrics"].get("trained") == 1.0),
+                     key=lambda r: r["number"])
+    return [r["genotype"] for r in trained[:n]]
+
+
+def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: int, initial: list[str]) -> Path:
     from compress.joint import JointSpace
     from compress.run import CompressConfig, run_compress
     from nas.config import SearchConfig
     from nas.search import run_search
 
     out = args.work / f"sequential-{dataset}-s{seed}"
-    done = out / "trained.txt"  # reused only at the same number of searched architectures
-    if (out / "compress.csv").is_file() and done.is_file() and int(done.read_text()) == trained:
+    done = out / "trained.txt"  # reused only with the same searched architectures' count and start
+    key = json.dumps({"trained": trained, "initial": initial})
+    if (out / "compress.csv").is_file() and done.is_file() and done.read_text() == key:
         return out
     shutil.rmtree(out, ignore_errors=True)
     cfg = SearchConfig(space="unireplk", dataset=dataset, strategy="surrogate", trials=trained, tiny=not args.full_size,
-                       epochs=args.epochs, seed=seed, objectives=SEQUENTIAL_OBJECTIVES, out=str(out))
+                       epochs=args.epochs, seed=seed, objectives=SEQUENTIAL_OBJECTIVES, out=str(out),
+                       strategy_options={"initial": initial} if initial else {})
     finetune = dict(JointSpace.default_options["finetune"])
     wall = _timed(lambda: run_search(cfg))
     wall += _timed(lambda: run_compress(CompressConfig(run=str(out), top_k=args.top_k,
                                                        policies=tuple(sequential_policies(finetune)))))
     (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
-    done.write_text(f"{trained}\n")
+    done.write_text(key)
     return out
 
 
@@ -207,6 +222,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--joint-n-init", type=int, default=0, metavar="ARCHS",
                         help="the joint surrogate's random initial architectures (0: the strategy's default, 10)")
+    parser.add_argument("--unpaired", dest="paired", action="store_false",
+                        help="let the sequential search draw its own random initial architectures (default: the "
+                             "joint run's, so both start from the same luck of the draw)")
     parser.add_argument("--full-size", action="store_true",
                         help="the space's full macro setting (models where compression changes latency), not the tiny one")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "joint_runs")
@@ -227,7 +245,9 @@ def main() -> None:
             j_out = run_joint(args, dataset, seed)
             j_recs = records(j_out)
             j_trial, j_trained = points(j_recs, joint=True)
-            s_out = run_sequential(args, dataset, seed, max(1, j_trained))
+            # paired: the sequential search starts from the joint run's random architectures
+            initial = first_architectures(j_recs, args.joint_n_init or 10) if args.paired else []
+            s_out = run_sequential(args, dataset, seed, max(1, j_trained), initial)
             s_recs = records(s_out)
             s_trial, s_trained = points(s_recs, joint=False)
             timing = retime([j_out, s_out], args.retime, seed) if args.retime > 0 else {j_out: None, s_out: None}
@@ -264,7 +284,10 @@ def main() -> None:
         "# Joint architecture x compression search vs sequential (search, then compress top-k)", "",
         f"Command: `{cmd.strip()}`; space unireplk ({'full size' if args.full_size else 'tiny'}), surrogate strategy, {args.epochs} training epochs, "
         f"joint {args.trials} pairs; sequential: as many architectures as the joint run trained, then top-{args.top_k} "
-        f"x {len(sequential_policies({'epochs': 2}))} policies. Machine: 2 CPU cores. Written {time.strftime('%Y-%m-%d')}.",
+        f"x {len(sequential_policies({'epochs': 2}))} policies; "
+        + ("paired: the sequential search starts from the joint run's random initial architectures. " if args.paired
+           else "unpaired: each method draws its own initial architectures. ")
+        + f"Machine: 2 CPU cores. Written {time.strftime('%Y-%m-%d')}.",
         "", (f"Latencies: every model of both methods of a (data set, seed) timed again in {args.retime} interleaved "
              "rounds (ORT, batch 1, one thread, shuffled order; median), float search trials in the deploy form "
              "the identity policy ships; the last column keeps each trial's own timing."

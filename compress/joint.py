@@ -167,6 +167,9 @@ class JointSpace(SearchSpace):
         arch = tuple((k, v) for k, v in g.fields if k not in names)
         return self.architectures.validate(Genotype(self.architectures.name, self.architectures.version, arch))
 
+    def architecture_text(self, g: Genotype) -> str:
+        return self.architecture(g).to_str()
+
     def policy(self, g: Genotype) -> Policy:
         _, v = self._split(self.to_dims(self.validate(g)))
         o = self.options
@@ -284,14 +287,21 @@ class ReuseTrained(Strategy):
     predicts which policy suits this architecture), else at random. Everything is told to the
     inner strategy, so it learns from every pair.
 
+    An architecture with a pair on the run's current Pareto front once its follow-ups have run
+    gets ``per_architecture - 1`` more (``promote``): the front is made of a few architectures'
+    compressed forms, and the sequential baseline wins where it runs every policy on its top
+    architectures while a joint run gave each architecture the same few.
+
     Follow-ups wait until the architecture's first pair has finished (and are dropped if it
     failed): under Ray, two trials of one untrained architecture would both train it."""
 
-    def __init__(self, inner: Strategy, per_architecture: int = 3):
+    def __init__(self, inner: Strategy, per_architecture: int = 3, promote: bool = True):
         if not isinstance(inner.space, JointSpace):
             raise TypeError("ReuseTrained searches a JointSpace")
         super().__init__(inner.space, inner.n_objectives, inner.seed)
         self.inner, self.per_architecture = inner, max(1, int(per_architecture))
+        self.promote = promote
+        self.promoted: set[str] = set()  # architectures given more follow-ups (front members)
         self.name = inner.name  # the store's strategy column names the search, not the wrapper
         self.tried: dict[str, int] = {}  # architecture text -> pairs asked on it
         self.ready: list[str] = []  # architectures whose first pair ran: follow-ups may go
@@ -306,7 +316,7 @@ class ReuseTrained(Strategy):
         while self.ready:
             arch_text = self.ready[0]
             follow = self._follow_up(arch_text)
-            if follow is None or self.tried[arch_text] + 1 >= self.per_architecture:
+            if follow is None or self.tried[arch_text] + 1 >= self._cap(arch_text):
                 self.ready.pop(0)  # its last follow-up (or none left)
             if follow is not None:
                 self.tried[arch_text] += 1
@@ -348,6 +358,10 @@ class ReuseTrained(Strategy):
         values = self.jspace.to_dims(g)
         return tuple(values[d.name] for d in self.jspace.policy_decisions if d.name not in _INT8_SETTINGS)
 
+    def _cap(self, arch_text: str) -> int:
+        """Pairs asked on an architecture at most: ``per_architecture - 1`` more once promoted."""
+        return 2 * self.per_architecture - 1 if arch_text in self.promoted else self.per_architecture
+
     def tell(self, genotype: Genotype, losses: Sequence[float] | None, violation: float = 0.0) -> None:
         self.inner.tell(genotype, losses, violation)
         self.history = self.inner.history
@@ -357,6 +371,21 @@ class ReuseTrained(Strategy):
         self.told_archs.add(arch_text)
         if first and losses is not None and self.tried[arch_text] < self.per_architecture:
             self.ready.append(arch_text)
+        elif (self.promote and self.per_architecture > 1 and losses is not None and arch_text not in self.promoted
+              and arch_text not in self.ready and self.tried[arch_text] >= self.per_architecture
+              and self._on_front(arch_text)):
+            self.promoted.add(arch_text)
+            self.ready.append(arch_text)
+
+    def _on_front(self, arch_text: str) -> bool:
+        """Whether a pair of this architecture is on the front of every finished pair."""
+        from nas.pareto import pareto_mask
+
+        done = self.inner.finished()
+        losses = np.array([y for _, y, _ in done], dtype=np.float64).reshape(len(done), self.n_objectives)
+        feasible = np.array([v <= 0 for _, _, v in done])
+        mask = pareto_mask(losses, feasible)
+        return any(mask[i] and self.jspace.architecture(g).to_str() == arch_text for i, (g, _, _) in enumerate(done))
 
     def _propose(self) -> Genotype:  # ask is overridden: never called
         raise NotImplementedError
@@ -364,6 +393,7 @@ class ReuseTrained(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"strategy": self.name, "reuse": {"inner": self.inner.state_dict(), "tried": self.tried,
                 "ready": list(self.ready), "told": sorted(self.told_archs), "asked": list(self.asked),
+                "promoted": sorted(self.promoted),
                 "rng": self.rng.bit_generator.state}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -373,6 +403,7 @@ class ReuseTrained(Strategy):
         self.tried = {str(k): int(v) for k, v in reuse["tried"].items()}
         self.ready = list(reuse["ready"])
         self.told_archs = set(reuse["told"])
+        self.promoted = set(reuse.get("promoted", ()))  # absent in runs from before promotion
         self.asked = list(reuse["asked"])
         self.rng.bit_generator.state = reuse["rng"]
 
@@ -421,17 +452,14 @@ class JointPlan:
             raise ConfigError(f"joint_options.{PER_ARCHITECTURE} must be an integer >= 1, got {per!r}")
         if isinstance(strategy, SurrogateGuided):
             # an architecture is judged by its best predicted policy, not the one it was drawn with
-            strategy.variants = strategy.variants or self._variants(strategy.space)
+            space = strategy.space
+            assert isinstance(space, JointSpace)
+            strategy.variants = strategy.variants or space.policy_variants
             # its initial design counts architectures: the first n_init are random, each with
             # its follow-ups (n_init pairs would be ~n_init / per architectures, after which it
             # mutates its best — full-size digits runs spent 5 of 8 architectures on near-copies)
-            strategy.n_init *= per
+            strategy.design_key = strategy.design_key or space.architecture_text
         return ReuseTrained(strategy, per) if per > 1 else strategy
-
-    @staticmethod
-    def _variants(space: SearchSpace) -> Callable[[Genotype], list[Genotype]]:
-        assert isinstance(space, JointSpace)
-        return space.policy_variants
 
     def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
         from .run import search_run_evaluator

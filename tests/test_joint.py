@@ -208,7 +208,9 @@ def test_reuse_tries_more_policies_on_a_trained_architecture(inner):
     from compress.joint import ReuseTrained
 
     space = _joint("unireplk")
-    strat = ReuseTrained(make_strategy(inner, space, n_objectives=2, seed=0, **({"n_init": 2} if inner == "surrogate" else {})), 3)
+    # promotion of front architectures (more pairs on them) has its own test
+    strat = ReuseTrained(make_strategy(inner, space, n_objectives=2, seed=0, **({"n_init": 2} if inner == "surrogate" else {})), 3,
+                         promote=False)
     asked = []
     for i in range(12):
         g = strat.ask()
@@ -238,6 +240,31 @@ def test_reuse_tries_more_policies_on_a_trained_architecture(inner):
     assert [copy.ask().to_str() for _ in range(3)] == [strat.ask().to_str() for _ in range(3)]
 
 
+def test_architectures_on_the_front_get_more_policies():
+    from compress.joint import ReuseTrained
+
+    space = _joint("unireplk")
+    strat = ReuseTrained(make_strategy("random", space, n_objectives=2, seed=0), 3)
+    asked, first = [], None
+    for _ in range(14):
+        g = strat.ask()
+        asked.append(g)
+        arch = space.architecture(g).to_str()
+        first = first or arch
+        # the first architecture's pairs dominate every other's: it alone stays on the front
+        strat.tell(g, (0.0, 0.0) if arch == first else (1.0, 1.0), 0.0)
+    counts = {}
+    for g in asked:
+        a = space.architecture(g).to_str()
+        counts[a] = counts.get(a, 0) + 1
+    assert counts[first] == 5 and strat.promoted == {first}
+    assert all(c == 3 for a, c in counts.items() if a != first and a != space.architecture(asked[-1]).to_str())
+    assert len({strat._kind(g) for g in asked if space.architecture(g).to_str() == first}) == 5
+    copy = ReuseTrained(make_strategy("random", space, n_objectives=2, seed=0), 3)
+    copy.load_state_dict(json.loads(json.dumps(strat.state_dict())))
+    assert copy.promoted == strat.promoted
+
+
 def test_float_pair_and_initial_design_by_architecture():
     from compress.joint import ReuseTrained
 
@@ -249,12 +276,14 @@ def test_float_pair_and_initial_design_by_architecture():
     cfg = SearchConfig(space="unireplk", dataset="mnist1d", strategy="surrogate", joint=True, tiny=True,
                        joint_options={"policies_per_architecture": 3})
     strat = JointPlan().strategy(cfg, make_strategy("surrogate", space, n_objectives=3, seed=0, n_init=4))
-    assert isinstance(strat, ReuseTrained) and strat.inner.n_init == 12
-    rng = np.random.default_rng(1)
-    for _ in range(12):  # random initial design: 4 architectures, each with its 2 follow-ups
-        g = strat.ask()
-        strat.tell(g, tuple(rng.random(3)), 0.0)
-    assert len(strat.tried) == 4 and set(strat.tried.values()) == {3}
+    assert isinstance(strat, ReuseTrained) and strat.promote
+    inner, rng = strat.inner, np.random.default_rng(1)
+    for _ in range(4):  # 4 architectures x 3 policies each
+        assert inner._in_initial_design()  # the design ends at 4 architectures, not 4 trials
+        arch = space.architectures.sample(rng)
+        for g in space.pairs_of(arch)[:3]:
+            inner.tell(g, tuple(rng.random(3)), 0.0)
+    assert not inner._in_initial_design() and len(inner.history) == 12
 
 
 def test_surrogate_judges_an_architecture_by_its_best_predicted_policy():

@@ -34,6 +34,10 @@ an unlucky cheap part is judged by its best one: a joint pool's pairs carry a ra
 ranking an architecture by that policy alone chose architectures for the policy they happened
 to be drawn with.
 
+Initial design by key (``design_key``): the random starts last until the history holds
+``n_init`` distinct keys rather than ``n_init`` trials — in a joint search the architectures,
+whose several policies each are trials of their own.
+
 Transfer (``prior``): observations of *another* search — ``[[encoding, losses or None,
 violation], ...]`` with encodings of this space's width, e.g. a policy search of another model,
 whose `PolicySpace.encode` carries model features — join every fit, their losses min-max
@@ -77,6 +81,7 @@ class SurrogateGuided(Strategy):
         prior: list | None = None,
         initial: list | None = None,
         variants: Callable[[Genotype], list[Genotype]] | None = None,
+        design_key: Callable[[Genotype], str] | None = None,
     ):
         super().__init__(space, n_objectives, seed)
         if isinstance(initial, str):
@@ -101,6 +106,7 @@ class SurrogateGuided(Strategy):
         self.surrogate_params = dict(surrogate or {})
         self.shortlist = shortlist
         self.variants = variants
+        self.design_key = design_key
         self._features: dict[str, np.ndarray] = {}  # caches by genotype string
         self._stats: dict[str, np.ndarray] = {}
 
@@ -157,7 +163,7 @@ class SurrogateGuided(Strategy):
             for key in self.initial:
                 if key not in asked:
                     return self.space.from_str(key)
-        if len(self.history) < self.n_init:  # failed trials count: they are data too
+        if self._in_initial_design():
             return self.space.sample(self.rng)
         done = self.finished()
         norm, violation, weights = self._normalised(done)
@@ -179,6 +185,13 @@ class SurrogateGuided(Strategy):
             cands, _ = self._feasible(self._with_variants(top), with_stats=stats)
             score = self._score(done, cands, norm, violation, weights, with_stats=stats)
         return cands[int(np.argmin(score))]
+
+    def _in_initial_design(self) -> bool:
+        """Fewer than ``n_init`` trials told (failed ones count: they are data too), or with a
+        ``design_key``, fewer than ``n_init`` distinct keys (a joint run's architectures)."""
+        if self.design_key is None:
+            return len(self.history) < self.n_init
+        return len({self.design_key(g) for g, _, _ in self.history}) < self.n_init
 
     def _with_variants(self, cands: list[Genotype]) -> list[Genotype]:
         """The candidates and their variants not asked yet, each once, in order."""

@@ -170,25 +170,36 @@ def retime(runs: list[Path], rounds: int, seed: int = 0) -> dict[Path, dict[str,
     """Every model of ``runs`` timed again in the same ``rounds`` (ORT, batch 1, one thread, each
     round in a new shuffled order across both methods): the trials timed each model once, each
     run at its own time and under its own load, and the sequential search trials with another
-    routine (the training form, 15 repeats). Median over rounds, per run and model key."""
+    routine (the training form, 15 repeats). Median over rounds, per run and model key. A model
+    both runs hold byte for byte (the same architecture trained with the same seed, compressed
+    alike: paired runs share their initial architectures) is timed once and shared, so timing
+    noise does not decide between two copies of one model."""
+    import hashlib
     import random
 
     from compress.passes.int8 import onnx_latency_ms
 
-    models, shape = {}, ()
+    blobs_by_hash: dict[str, bytes] = {}
+    keys: dict[tuple[Path, str], str] = {}
+    shape: tuple[int, ...] = ()
     for run in runs:
         blobs, shape = run_models(run)
-        models.update({(run, key): blob for key, blob in blobs.items()})
+        for key, blob in blobs.items():
+            digest = hashlib.sha256(blob).hexdigest()
+            blobs_by_hash[digest] = blob
+            keys[(run, key)] = digest
+    print(f"retiming {len(blobs_by_hash)} distinct models of {len(keys)} ({len(keys) - len(blobs_by_hash)} shared)",
+          flush=True)
     rng = random.Random(seed)
-    times: dict[tuple[Path, str], list[float]] = {k: [] for k in models}
+    times: dict[str, list[float]] = {h: [] for h in blobs_by_hash}
     for _ in range(rounds):
-        order = list(models)
+        order = list(blobs_by_hash)
         rng.shuffle(order)
-        for k in order:
-            times[k].append(onnx_latency_ms(models[k], shape, batch_size=1, threads=1, warmup=5, repeats=30))
+        for h in order:
+            times[h].append(onnx_latency_ms(blobs_by_hash[h], shape, batch_size=1, threads=1, warmup=5, repeats=30))
     out: dict[Path, dict[str, float]] = {run: {} for run in runs}
-    for (run, key), t in times.items():
-        out[run][key] = float(np.median(t))
+    for (run, key), digest in keys.items():
+        out[run][key] = float(np.median(times[digest]))
     return out
 
 

@@ -301,7 +301,8 @@ def main() -> None:
         + f"Machine: 2 CPU cores. Written {time.strftime('%Y-%m-%d')}.",
         "", (f"Latencies: every model of both methods of a (data set, seed) timed again in {args.retime} interleaved "
              "rounds (ORT, batch 1, one thread, shuffled order; median), float search trials in the deploy form "
-             "the identity policy ships; the last column keeps each trial's own timing."
+             "the identity policy ships, a model both runs hold byte for byte timed once for both; the last column "
+             "keeps each trial's own timing."
              if args.retime > 0 else "Latencies: each trial's own timing."),
         "", *lines, "", summary, "",
     ])

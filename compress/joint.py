@@ -287,12 +287,10 @@ class ReuseTrained(Strategy):
     predicts which policy suits this architecture), else at random. Everything is told to the
     inner strategy, so it learns from every pair.
 
-    An architecture among the top third by the hypervolume its pairs add to the front, once its
-    follow-ups have run, gets ``per_architecture - 1`` more (``promote``, `_promote_one`): the front is made of a
-    few architectures' compressed forms, and the sequential baseline wins where it runs every
-    policy on its top architectures while a joint run gave each architecture the same few.
-    With a surrogate inner strategy, each follow-up is the policy predicted to add the most
-    hypervolume (`_by_predicted_gain`).
+    An architecture with a pair on the run's current Pareto front once its follow-ups have run
+    gets ``per_architecture - 1`` more (``promote``): the front is made of a few architectures'
+    compressed forms, and the sequential baseline wins where it runs every policy on its top
+    architectures while a joint run gave each architecture the same few.
 
     Follow-ups wait until the architecture's first pair has finished (and are dropped if it
     failed): under Ray, two trials of one untrained architecture would both train it."""
@@ -315,8 +313,6 @@ class ReuseTrained(Strategy):
         return self.space
 
     def ask(self) -> Genotype:
-        if not self.ready:
-            self._promote_one()
         while self.ready:
             arch_text = self.ready[0]
             follow = self._follow_up(arch_text)
@@ -352,31 +348,10 @@ class ReuseTrained(Strategy):
         # rank, int8 on/off) first; another calibration of a kind it already ran lands next to
         # that point (the first full-size digits runs spent follow-ups on int8 x calibrations)
         options = [g for g in options if self._kind(g) not in tried] or options
-        best = self._by_predicted_gain(options)
-        if best is not None:
-            return best
         rank = getattr(self.inner, "rank", None)
         if rank is not None:
             return rank(options)[0]
         return options[int(self.rng.integers(len(options)))]
-
-    def _by_predicted_gain(self, options: list[Genotype]) -> Genotype | None:
-        """The option whose optimistic prediction (mean - kappa x spread) adds the most
-        hypervolume to the front of the finished pairs; None without a surrogate, or when no
-        option is predicted to add any (then the inner strategy's ranking decides). One random
-        ParEGO weight (`rank`) chose pruning on architectures where int8 alone was the front's
-        point (full-size digits)."""
-        predict = getattr(self.inner, "predict", None)
-        done = self.inner.finished()
-        if predict is None or len(done) < 2:
-            return None
-        norm, mu, sd = predict(options)
-        feasible = np.array([v <= 0 for _, _, v in done])
-        front = norm[feasible]
-        optimistic = mu - float(getattr(self.inner, "kappa", 1.0)) * sd
-        base = _projected_hv(front)
-        gains = np.array([_projected_hv(np.vstack([front, o[None, :]])) - base for o in optimistic])
-        return options[int(np.argmax(gains))] if gains.max() > 1e-12 else None
 
     def _kind(self, g: Genotype) -> tuple[Any, ...]:
         """The policy's coarse kind: every compression decision but int8's settings."""
@@ -396,33 +371,21 @@ class ReuseTrained(Strategy):
         self.told_archs.add(arch_text)
         if first and losses is not None and self.tried[arch_text] < self.per_architecture:
             self.ready.append(arch_text)
+        elif (self.promote and self.per_architecture > 1 and losses is not None and arch_text not in self.promoted
+              and arch_text not in self.ready and self.tried[arch_text] >= self.per_architecture
+              and self._on_front(arch_text)):
+            self.promoted.add(arch_text)
+            self.ready.append(arch_text)
 
-    def _promote_one(self) -> None:
-        """Queue more follow-ups on the architecture that adds the most hypervolume to the front
-        of every finished pair (accuracy vs each other objective) by its pairs alone, if it is
-        in the top third of at least 3 trained architectures and has had its follow-ups. Decided
-        when a new architecture would be asked, with everything known by then; front membership
-        alone promoted every architecture in full-size digits runs (each has some pair on a
-        3-objective front), and judging an architecture as soon as it finished always promoted
-        the first one."""
-        if not self.promote or self.per_architecture < 2:
-            return
-        done = [(g, y) for g, y, v in self.inner.finished() if v <= 0]
-        archs = np.array([self.jspace.architecture(g).to_str() for g, _ in done])
-        if len(set(archs)) < 3:
-            return
-        losses = np.array([y for _, y in done], dtype=np.float64).reshape(len(done), self.n_objectives)
-        lo, hi = losses.min(0), losses.max(0)
-        norm = (losses - lo) / np.where(hi > lo, hi - lo, 1.0)
-        total = _projected_hv(norm)
-        share = {a: total - _projected_hv(norm[archs != a]) for a in sorted(set(archs))}
-        for arch_text in sorted(share, key=lambda a: -share[a])[: -(-len(share) // 3)]:
-            if share[arch_text] <= 1e-12:
-                return
-            if arch_text not in self.promoted and self.tried.get(arch_text, 0) >= self.per_architecture:
-                self.promoted.add(arch_text)
-                self.ready.append(arch_text)
-                return
+    def _on_front(self, arch_text: str) -> bool:
+        """Whether a pair of this architecture is on the front of every finished pair."""
+        from nas.pareto import pareto_mask
+
+        done = self.inner.finished()
+        losses = np.array([y for _, y, _ in done], dtype=np.float64).reshape(len(done), self.n_objectives)
+        feasible = np.array([v <= 0 for _, _, v in done])
+        mask = pareto_mask(losses, feasible)
+        return any(mask[i] and self.jspace.architecture(g).to_str() == arch_text for i, (g, _, _) in enumerate(done))
 
     def _propose(self) -> Genotype:  # ask is overridden: never called
         raise NotImplementedError
@@ -443,20 +406,6 @@ class ReuseTrained(Strategy):
         self.promoted = set(reuse.get("promoted", ()))  # absent in runs from before promotion
         self.asked = list(reuse["asked"])
         self.rng.bit_generator.state = reuse["rng"]
-
-
-def _projected_hv(norm: np.ndarray, ref: float = 1.1) -> float:
-    """Hypervolume of normalised losses summed over the 2-D projections of the first objective
-    (accuracy in a joint run) with each other one — the fronts a user reads (accuracy vs latency,
-    accuracy vs size); one objective: the distance of the best to ``ref``."""
-    from nas.pareto import hypervolume_2d
-
-    norm = np.asarray(norm, dtype=np.float64)
-    if len(norm) == 0:
-        return 0.0
-    if norm.shape[1] == 1:
-        return float(max(0.0, ref - norm[:, 0].min()))
-    return float(sum(hypervolume_2d(norm[:, [0, j]], np.array([ref, ref])) for j in range(1, norm.shape[1])))
 
 
 def _no_report(epoch: int, metrics: Mapping[str, float]) -> None:

@@ -235,24 +235,6 @@ class SurrogateGuided(Strategy):
         ranked = [kept[int(i)] for i in np.argsort(score, kind="stable")]
         return ranked + [g for g in cands if g not in ranked]  # gated-out ones last
 
-    def predict(self, cands: list[Genotype]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(min-max normalised losses of the finished trials, in `finished` order; predicted
-        normalised losses of ``cands``; the ensemble's spread of them), one column per
-        objective, for callers that weigh a fixed set themselves (joint follow-ups by predicted
-        hypervolume gain). Needs 2 finished trials."""
-        done = self.finished()
-        if len(done) < 2 or not cands:
-            raise ValueError("predict needs 2 finished trials and a candidate")
-        norm, _, _ = self._normalised(done)
-        stats = self.stats_fn is not None
-        X_train = np.stack([self.features(g, stats) for g, _, _ in done])
-        X = np.stack([self.features(g, stats) for g in cands])
-        mu, sd = np.zeros((len(cands), self.n_objectives)), np.zeros((len(cands), self.n_objectives))
-        for j in range(self.n_objectives):
-            model = self._fit(X_train, norm[:, j])
-            mu[:, j], sd[:, j] = model.predict(X), model.predict_std(X)
-        return norm, mu, sd
-
     def _feasible(self, cands: list[Genotype], with_stats: bool) -> tuple[list[Genotype], np.ndarray | None]:
         """The candidates the feasibility model expects to run (at least ``min_feasible``, else
         the most likely ones) and their predicted chances; all of them, and None, while the

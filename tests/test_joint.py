@@ -324,7 +324,8 @@ def test_joint_run_trains_fewer_models_than_it_evaluates(tmp_path):
     done = open_store(out).dataframe().query("status == 'complete'")
     assert len(done) == 6 and done.proposal.nunique() == 6
     assert done.trained.sum() == 2  # 3 policies per trained architecture
-    assert done.groupby("genotype").size().eq(3).all()
+    # 3 pairs each, or the first architecture promoted to 5 (its pairs were the whole front)
+    assert sorted(done.groupby("genotype").size()) in ([3, 3], [1, 5])
     # `joint = true` in a config file, no --joint flag
     argv = [a for a in _joint_cmd(tmp_path / "plain", 3, "random", "--config", str(_toml(tmp_path))) if a != "--joint"]
     assert main(argv) == 0

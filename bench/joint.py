@@ -95,7 +95,7 @@ def run_sequential(args: argparse.Namespace, dataset: str, seed: int, trained: i
     from nas.search import run_search
 
     out = args.work / f"sequential-{dataset}-s{seed}"
-    done = out / "trained.txt"  # reused only with the same searched architectures' count and start
+    done = out / "sequential_plan.json"  # reused only with the same searched architectures' count and start
     key = json.dumps({"trained": trained, "initial": initial})
     if (out / "compress.csv").is_file() and done.is_file() and done.read_text() == key:
         return out

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nas.strategies.base import Strategy
-from nas.strategies.surrogate_guided import SurrogateGuided
 from nas.trial import Candidate, Reporter
 from search_spaces import (
     ConfigError,
@@ -450,15 +449,6 @@ class JointPlan:
         per = cfg.joint_options.get(PER_ARCHITECTURE, DEFAULT_PER_ARCHITECTURE)
         if isinstance(per, bool) or not isinstance(per, int) or per < 1:
             raise ConfigError(f"joint_options.{PER_ARCHITECTURE} must be an integer >= 1, got {per!r}")
-        if isinstance(strategy, SurrogateGuided):
-            # an architecture is judged by its best predicted policy, not the one it was drawn with
-            space = strategy.space
-            assert isinstance(space, JointSpace)
-            strategy.variants = strategy.variants or space.policy_variants
-            # its initial design counts architectures: the first n_init are random, each with
-            # its follow-ups (n_init pairs would be ~n_init / per architectures, after which it
-            # mutates its best — full-size digits runs spent 5 of 8 architectures on near-copies)
-            strategy.design_key = strategy.design_key or space.architecture_text
         return ReuseTrained(strategy, per) if per > 1 else strategy
 
     def evaluator(self, cfg: SearchConfig, out: Path, architectures: SearchSpace) -> JointEvaluator:
@@ -475,8 +465,16 @@ class JointPlan:
 
         return SpaceParser(cfg.space, dict(architectures.options))
 
-    def stats_fn(self, space: SearchSpace, evaluator: Any) -> Callable[[Genotype], np.ndarray]:
+    def surrogate_options(self, space: SearchSpace, evaluator: Any) -> dict[str, Any]:
         assert isinstance(space, JointSpace)
+        # an architecture is judged by its best predicted policy, not the one it was drawn with
+        # (variants); its initial design counts architectures: the first n_init are random, each
+        # with its follow-ups (n_init pairs would be ~n_init / per architectures, after which it
+        # mutates its best — full-size digits runs spent 5 of 8 architectures on near-copies)
+        return {"stats_fn": self._stats_fn(space, evaluator), "variants": space.policy_variants,
+                "design_key": space.architecture_text}
+
+    def _stats_fn(self, space: JointSpace, evaluator: Any) -> Callable[[Genotype], np.ndarray]:
         trainer = evaluator.compression.trainer()
         cache: dict[str, tuple[float, float]] = {}
 

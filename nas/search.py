@@ -77,8 +77,9 @@ class RunPlan(Protocol):
         """Row genotype text -> genotype on Ray workers (picklable)."""
         ...
 
-    def stats_fn(self, space: SearchSpace, evaluator: Any) -> Callable[[Any], np.ndarray] | None:
-        """Cheap statistics of a proposal for the surrogate (None: none)."""
+    def surrogate_options(self, space: SearchSpace, evaluator: Any) -> dict[str, Any]:
+        """Options for a surrogate strategy on this space, under the config's own (e.g.
+        ``stats_fn``: cheap statistics of a proposal; ``variants``; ``design_key``)."""
         ...
 
     def strategy(self, cfg: SearchConfig, strategy: Any) -> Any:
@@ -250,9 +251,12 @@ def prepare_run(
         check_ray_address(cfg.ray_address)
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
-        stats = plan.stats_fn(space, evaluator) if plan is not None else _model_statistics(evaluator)
-        if stats is not None:
-            options.setdefault("stats_fn", stats)
+        if plan is not None:
+            options = {**plan.surrogate_options(space, evaluator), **options}
+        else:
+            stats = _model_statistics(evaluator)
+            if stats is not None:
+                options.setdefault("stats_fn", stats)
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
     if plan is not None:
         strategy = plan.strategy(cfg, strategy)

@@ -265,7 +265,7 @@ def test_architectures_on_the_front_get_more_policies():
     assert copy.promoted == strat.promoted
 
 
-def test_float_pair_and_initial_design_by_architecture():
+def test_float_pair_and_initial_design_by_architecture(tmp_path):
     from compress.joint import ReuseTrained
 
     space = _joint("unireplk")
@@ -275,7 +275,10 @@ def test_float_pair_and_initial_design_by_architecture():
     assert no_identity.float_values() is None  # no pruning ratio 0: no float pair to ask
     cfg = SearchConfig(space="unireplk", dataset="mnist1d", strategy="surrogate", joint=True, tiny=True,
                        joint_options={"policies_per_architecture": 3})
-    strat = JointPlan().strategy(cfg, make_strategy("surrogate", space, n_objectives=3, seed=0, n_init=4))
+    plan = JointPlan()
+    options = plan.surrogate_options(space, plan.evaluator(cfg, tmp_path, space.architectures))
+    assert options["stats_fn"](space.pairs_of(space.architectures.sample(np.random.default_rng(0)))[0]).shape == (5,)
+    strat = plan.strategy(cfg, make_strategy("surrogate", space, n_objectives=3, seed=0, n_init=4, **options))
     assert isinstance(strat, ReuseTrained) and strat.promote
     inner, rng = strat.inner, np.random.default_rng(1)
     for _ in range(4):  # 4 architectures x 3 policies each
@@ -290,8 +293,7 @@ def test_surrogate_judges_an_architecture_by_its_best_predicted_policy():
     """With the joint space's policy variants, a new architecture comes with the policy the
     surrogate predicts best for it, not the one its pool pair was drawn with."""
     space = _joint("unireplk")
-    strat = make_strategy("surrogate", space, n_objectives=1, seed=0, n_init=1, pool=200)
-    strat.variants = space.policy_variants
+    strat = make_strategy("surrogate", space, n_objectives=1, seed=0, n_init=1, pool=200, variants=space.policy_variants)
     best = {"c_prune": 0.5, "c_int8": "int8"}
 
     def loss(g):  # only the policy matters here (plus a little architecture noise)

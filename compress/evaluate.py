@@ -10,7 +10,8 @@ re-parameterised (merged) form: it is what ships, and it has fewer, plainer laye
 
 Every measurement happens in the runtime the model ships in: accuracy and latency of the
 float and int8 models in ONNX Runtime (batch 1, ``latency_threads`` threads), file size of the
-ONNX file. The compressed model and the records that rebuild it are kept under
+ONNX file; latency also relative to a fixed reference model timed beside it
+(``onnx_latency_rel``, `compress.latency_reference`: it survives a loaded host). The compressed model and the records that rebuild it are kept under
 ``artefacts_dir/<genotype id>+<policy id>/``.
 """
 
@@ -236,6 +237,7 @@ class CompressionEvaluator:
         """Accuracy, size and ORT latency of the compressed model against the base model."""
         from nas.cost import profile
 
+        from .latency_reference import paired_latency_ms, reference_onnx
         from .passes.int8 import export_float_onnx, onnx_accuracy, onnx_latency_ms
 
         data = self.data()
@@ -252,6 +254,9 @@ class CompressionEvaluator:
             warmup=5, repeats=self.latency_repeats,
         )
         base_ms, ms = lat(base_bytes), lat(model_bytes)
+        # the same model again, interleaved with a fixed reference: the ratio survives host load
+        rel_ms, ref_ms = paired_latency_ms(model_bytes, reference_onnx(shape), shape, threads=self.latency_threads,
+                                           repeats=self.latency_repeats)
         val_acc = onnx_accuracy(model_bytes, data.x_val, data.y_val)
         m: dict[str, float] = {
             "val_acc": val_acc,
@@ -259,6 +264,8 @@ class CompressionEvaluator:
             "base_val_acc": onnx_accuracy(base_bytes, data.x_val, data.y_val),
             "onnx_latency_ms": ms,
             "base_onnx_latency_ms": base_ms,
+            "onnx_latency_rel": rel_ms / ref_ms,
+            "reference_latency_ms": ref_ms,
             "speedup": base_ms / ms if ms > 0 else float("nan"),
             "file_bytes": float(len(model_bytes)),
             "zip_bytes": float(len(zlib.compress(model_bytes, 9))),

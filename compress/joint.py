@@ -64,7 +64,7 @@ def is_joint_trial(record: Mapping[str, Any]) -> bool:
 
 # what a joint trial reports: the compression metrics, and whether it trained its architecture
 JOINT_METRICS = (
-    "val_acc", "acc_drop", "onnx_latency_ms", "latency_ms", "speedup", "file_bytes", "zip_bytes",
+    "val_acc", "acc_drop", "onnx_latency_ms", "onnx_latency_rel", "latency_ms", "speedup", "file_bytes", "zip_bytes",
     "size_ratio", "params", "flops", "macs", "sparsity", "base_val_acc", "base_onnx_latency_ms",
     "base_file_bytes", "trained",
 )

@@ -55,6 +55,7 @@ COMPRESS_METRICS = (
     "val_acc",
     "acc_drop",
     "onnx_latency_ms",
+    "onnx_latency_rel",
     "latency_ms",
     "speedup",
     "file_bytes",

@@ -55,25 +55,6 @@ def torch_burst(seconds: float) -> None:
         x = (x @ x).tanh()
 
 
-def paired_ms(model: bytes, reference: bytes, shape: tuple[int, ...], warmup: int = 5, repeats: int = 30) -> tuple[float, float]:
-    """Medians (ms) of ``model`` and ``reference``, their runs interleaved one for one."""
-    from compress.passes.int8 import _session
-
-    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    sessions = [_session(b, 1) for b in (model, reference)]
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for _ in range(warmup):
-        for s, f in zip(sessions, feeds, strict=True):
-            s.run(None, f)
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for k, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
-            start = time.perf_counter()
-            s.run(None, f)
-            times[k].append(time.perf_counter() - start)
-    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
-
-
 def order_agreement(values: np.ndarray) -> float:
     """Share of model pairs whose order in one round matches their order by median over rounds,
     averaged over rounds (``values``: rounds x models): how often a search that timed each model
@@ -97,6 +78,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "latency_noise.md")
     args = ap.parse_args()
 
+    from compress.latency_reference import paired_latency_ms
     from nas.data import load_dataset
 
     shape = tuple(load_dataset(args.dataset, seed=0).input_shape)
@@ -113,7 +95,7 @@ def main() -> None:
         for r in range(args.rounds):
             for i, (_, blob) in enumerate(models):
                 torch_burst(args.burst_s)
-                ms[r, i], ref_ms = paired_ms(blob, reference, shape)
+                ms[r, i], ref_ms = paired_latency_ms(blob, reference, shape)
                 ratio[r, i] = ms[r, i] / ref_ms
         cv_ms, cv_ratio = ms.std(0) / ms.mean(0), ratio.std(0) / ratio.mean(0)
         for i, (text, _) in enumerate(models):

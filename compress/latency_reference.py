@@ -5,6 +5,7 @@ shared 2-vCPU VM the same model measured up to 2x apart a minute apart, and one 
 two models wrongly 5-8% of the time (``bench/latency_noise.py``). Load slows every model alike,
 so a reference model whose runs are interleaved one for one with the candidate's keeps what the
 candidate costs: the ratio spread CV 0.01-0.03 where the milliseconds spread 0.13-0.15.
+A compression trial's ``onnx_latency_ms`` is its model's median from these same interleaved runs.
 
 ``onnx_latency_rel`` = candidate median / reference median. The reference is the same bytes in
 every trial of a run and on every worker (a fixed small ConvNet with seeded weights, built for
@@ -15,6 +16,7 @@ do not.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 __all__ = ["paired_latency_ms", "reference_onnx"]
@@ -41,7 +43,7 @@ def reference_onnx(input_shape: tuple[int, ...]) -> bytes:
         layers = [nn.Conv1d(input_shape[0], c, 3, padding=1), nn.ReLU(),
                   nn.Conv1d(c, c, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()]
     else:
-        layers = [nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), 4 * c), nn.ReLU(),
+        layers = [nn.Flatten(), nn.Linear(math.prod(input_shape), 4 * c), nn.ReLU(),
                   nn.Linear(4 * c, c), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(c, 10)).eval()
     with torch.no_grad():

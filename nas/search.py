@@ -251,12 +251,8 @@ def prepare_run(
         check_ray_address(cfg.ray_address)
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
-        if plan is not None:
-            options = {**plan.surrogate_options(space, evaluator), **options}
-        else:
-            stats = _model_statistics(evaluator)
-            if stats is not None:
-                options.setdefault("stats_fn", stats)
+        given = plan.surrogate_options(space, evaluator) if plan is not None else {"stats_fn": _model_statistics(evaluator)}
+        options = {**{k: v for k, v in given.items() if v is not None}, **options}  # the config's own win
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
     if plan is not None:
         strategy = plan.strategy(cfg, strategy)

@@ -90,8 +90,10 @@ class SearchController:
         rows: ProposalRows | None = None,
         objectives: Sequence[Objective] | None = None,
         constraints: Sequence[Constraint] | None = None,
+        record: Mapping[str, Any] | None = None,
     ):
-        """``rows``: how proposals become store rows (default: architectures). ``objectives`` /
+        """``rows``: how proposals become store rows (default: architectures). ``record``: fields
+        written into every trial's record (the training recipe). ``objectives`` /
         ``constraints``: what the strategy is told, when they differ from the store's (a policy
         search in a search run's store has its own; its violations are computed here from the
         recorded metrics, so a resume tells exactly what the first pass told)."""
@@ -100,6 +102,7 @@ class SearchController:
         self.state_path = Path(state_path)
         self.static_metrics = static_metrics
         self.max_rejections = max_rejections
+        self.record = dict(record or {})
         self.rows: ProposalRows = rows if rows is not None else ArchitectureRows(strategy.space)
         self.objectives: tuple[Objective, ...] = tuple(objectives) if objectives is not None else store.objectives
         self._own_constraints = constraints is not None
@@ -224,7 +227,7 @@ class SearchController:
             genotype_str, genotype_id, self.budget, self.strategy.name, self.seed,
             policy=policy, stage=str(self.rows.stages[0]),
             # the proposal is kept when it is not the genotype itself (a policy search's)
-            extra={"proposal": proposal.to_str()} if proposal.to_str() != genotype_str else None,
+            extra={**self.record, **({"proposal": proposal.to_str()} if proposal.to_str() != genotype_str else {})},
         )
         self._rows = number + 1
         return number

@@ -1,9 +1,11 @@
 """Data sets by name or path, split and standardised, with no download ever.
 
-`load_dataset(name_or_path, seed)` returns a frozen `Dataset` of numpy arrays, channel-first
-(`(N, C, L)` for sequences, `(N, C, H, W)` for images), float32 inputs standardised with the
-training split's per-channel mean and std, int64 labels `0..K-1`. Trainers need not know where
-the data came from.
+`load_dataset(name_or_path, seed)` returns a frozen `Dataset`: channel-first inputs (`(N, C, L)`
+for sequences, `(N, C, H, W)` for images) as `StandardizedArray`s -- the source's rows (uint8 for
+images, memory-mapped from the data cache for folders and files) plus the split's index array,
+standardised with the training split's per-channel mean and std only for the rows asked for, as
+float32 -- and int64 labels `0..K-1`. Trainers need not know where the data came from, and no
+process ever holds a float32 copy of a whole large set (see `nas.datasource`).
 
 Built-ins (all generated or shipped inside a PyPI package):
 
@@ -14,6 +16,10 @@ Built-ins (all generated or shipped inside a PyPI package):
 
 A user's own data is a path:
 
+- a folder of CIFAR-10's binary batches (`data_batch_1.bin` ... `data_batch_5.bin`, `test_batch.bin`,
+  optionally `batches.meta.txt`): plain bytes, decoded into the cache once.
+- a folder holding `x.npy` and `y.npy` (optionally `x_test.npy`, `y_test.npy`): memory-mapped as
+  they are, no copy (the way to bring a set larger than memory).
 - a `.npz` file with keys `x`, `y` and optionally `x_test`/`y_test`, `class_names` (strings, one per
   class) and `layout`. Accepted shapes of `x`: `(N, L)` and `(N, H, W)` get a channel axis;
   `(N, C, L)` and `(N, C, H, W)` are used as they are. A 3-D `x` is ambiguous: it is read as
@@ -24,7 +30,9 @@ A user's own data is a path:
   plus `root/test/<class>` for a fixed test split. Sorted class names become labels 0..K-1. Images
   are read as grey-scale if every image is grey-scale (8-bit modes; others go through PIL's
   `convert`), else as RGB, and are resized (bilinear) to the most common size among them, so a
-  few odd-sized images do not stop a run; pixel values are scaled to [0, 1].
+  few odd-sized images do not stop a run; pixel values are scaled to [0, 1] per batch. Folders and
+  `.npz` files are decoded once into the data cache (`cache_dir`, `--cache-dir`, default
+  `$XDG_CACHE_HOME/nas-run`) and memory-mapped from there by every later run and worker.
 
 Splits are stratified and depend only on `seed`: `test_fraction` of the labelled pool becomes the
 test set (unless the data brings its own test split) and `val_fraction` of the pool the
@@ -36,7 +44,6 @@ from __future__ import annotations
 import functools
 import operator
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,8 @@ from search_spaces.errors import ConfigError, DatasetError, UnknownNameError
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from .datasource import StandardizedArray
 
 __all__ = [
     "Dataset",
@@ -59,7 +68,6 @@ __all__ = [
 IMAGE_SUFFIXES = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 )
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 LAYOUTS = ("NCHW", "NCL", "NHW", "NHWC", "NL", "NLC")
 NPZ_KEYS = ("class_names", "layout", "x", "x_test", "y", "y_test")
 
@@ -77,6 +85,8 @@ class RawData:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     class_names: tuple[str, ...] | None = None
+    scale: float = 1.0  # raw values times this are the model's scale before standardising (1/255 for uint8 images)
+    hflip_ok: bool = True  # False where a mirror image changes the label (digits): augmentation skips flips
 
 
 Loader = Callable[[], RawData]
@@ -84,14 +94,15 @@ Loader = Callable[[], RawData]
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no single truth value
 class Dataset:
-    """Train/val/test splits ready for a trainer. `x_*` float32, channel-first; `y_*` int64."""
+    """Train/val/test splits ready for a trainer. `x_*` standardised float32 rows on access
+    (`StandardizedArray`: index it, or `np.asarray` a small one), channel-first; `y_*` int64."""
 
     name: str
-    x_train: np.ndarray
+    x_train: StandardizedArray
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: StandardizedArray
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: StandardizedArray
     y_test: np.ndarray
     num_classes: int
     input_shape: tuple[int, ...]  # one sample, channel-first, without the batch axis
@@ -99,6 +110,7 @@ class Dataset:
     std: tuple[float, ...]  # per channel; 1.0 for a constant channel (or when not standardised)
     class_names: tuple[str, ...]
     seed: int
+    hflip_ok: bool = True
 
     def summary(self) -> str:
         return (
@@ -133,29 +145,38 @@ def load_dataset(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     standardize: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Dataset:
-    """Load a registered data set or a `.npz` file / image folder, split it by `seed`, standardise it."""
+    """Load a registered data set or a path, split it by `seed`, standardise it (lazily).
+
+    `cache_dir`: where folders and `.npz` files are decoded to (default: `nas.datasource.cache_root`)."""
     seed = _check_seed(seed)
     for label, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ConfigError(f"{label} must be a number strictly between 0 and 1, got {value!r}")
 
     name = os.fspath(name_or_path)
-    raw = _REGISTRY[name][0]() if name in _REGISTRY else _load_path(name)
+    raw = _REGISTRY[name][0]() if name in _REGISTRY else _load_path(name, cache_dir)
     return _prepare(name, raw, seed, float(val_fraction), float(test_fraction), standardize)
 
 
-def _load_path(name: str) -> RawData:
+def _load_path(name: str, cache_dir: str | os.PathLike[str] | None) -> RawData:
+    from .decoders import decode_cifar_binary, is_cifar_binary
+
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_folder(path)
+        if is_cifar_binary(path):
+            return RawData(**decode_cifar_binary(path, cache_dir))
+        if (path / "x.npy").is_file():
+            return _load_npy_folder(path)
+        return _load_folder(path, cache_dir)
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise DatasetError(
                 f"{name}: unsupported file type {path.suffix!r}; use a .npz file or a folder "
                 f"with one sub-folder of images per class"
             )
-        return _load_npz(path)
+        return _cached_npz(path, cache_dir)
     if path.suffix.lower() == ".npz" or os.sep in name or (os.altsep and os.altsep in name):
         raise DatasetError(f"no such file or folder: {name!r}")
     err = UnknownNameError("dataset", name, _REGISTRY)
@@ -217,47 +238,49 @@ def _prepare(
     try:
         if not has_test:
             idx, idx_test = train_test_split(idx, test_size=n_test, stratify=y, random_state=seed)
-            x_test, y_test = x[idx_test], y[idx_test]
         idx_train, idx_val = train_test_split(idx, test_size=n_val, stratify=y[idx], random_state=seed)
     except ValueError as exc:  # sklearn's own check of class counts against split sizes
         raise DatasetError(f"{name}: cannot split stratified: {exc}") from None
 
-    x_train, y_train, x_val, y_val = x[idx_train], y[idx_train], x[idx_val], y[idx_val]
+    from .datasource import StandardizedArray, channel_stats
+
     n_channels = x.shape[1]
     if standardize:
-        axes = (0, *range(2, x.ndim))  # everything but the channel axis
-        mean = x_train.mean(axis=axes, dtype=np.float64)
-        std = x_train.std(axis=axes, dtype=np.float64)
+        mean, std = channel_stats(x, idx_train, raw.scale)
         std = np.where(std < 1e-8, 1.0, std)  # a constant channel carries no signal: leave it at 0
     else:
         mean, std = np.zeros(n_channels), np.ones(n_channels)
-    bshape = (1, n_channels) + (1,) * (x.ndim - 2)
 
-    def norm(a: np.ndarray) -> np.ndarray:
-        return ((a - mean.reshape(bshape)) / std.reshape(bshape)).astype(np.float32)
+    def view(a: np.ndarray, index: np.ndarray) -> StandardizedArray:
+        return StandardizedArray(a, index, mean, std, raw.scale)
 
+    test_view = view(x_test, np.arange(len(y_test))) if has_test else view(x, idx_test)
     return Dataset(
         name=name,
-        x_train=norm(x_train),
-        y_train=y_train.copy(),
-        x_val=norm(x_val),
-        y_val=y_val.copy(),
-        x_test=norm(x_test),
-        y_test=y_test.copy(),
+        x_train=view(x, idx_train),
+        y_train=y[idx_train],
+        x_val=view(x, idx_val),
+        y_val=y[idx_val],
+        x_test=test_view,
+        y_test=np.array(y_test if has_test else y[idx_test]),
         num_classes=num_classes,
         input_shape=tuple(int(d) for d in x.shape[1:]),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         class_names=class_names,
         seed=seed,
+        hflip_ok=raw.hflip_ok,
     )
 
 
 def _check_xy(name: str, x: object, y: object, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Checked float32 channel-first x and int64 y; every message names the data set and the array."""
+    """Checked channel-first x (its own dtype: a memory map stays one) and int64 y; every message
+    names the data set and the array."""
     import numpy as np
 
-    x, y = np.asarray(x), np.asarray(y)
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    y = np.asarray(y)
     if x.dtype.kind not in "biuf":
         raise DatasetError(f"{name}: {x_key} must be numeric, got dtype {x.dtype}")
     if x.ndim not in (3, 4):
@@ -275,11 +298,12 @@ def _check_xy(name: str, x: object, y: object, x_key: str, y_key: str) -> tuple[
         )
     if len(x) != len(y):
         raise DatasetError(f"{name}: {x_key} has {len(x)} samples but {y_key} has {len(y)}")
-    x = x.astype(np.float32, copy=False)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i = int(np.argwhere(bad)[0][0])
-        raise DatasetError(f"{name}: {x_key} contains NaN or infinite values (first in sample {i})")
+    if x.dtype.kind == "f":  # in chunks: a memory-mapped set is never read whole into memory
+        for start in range(0, len(x), 4096):
+            bad = ~np.isfinite(x[start : start + 4096])
+            if bad.any():
+                i = start + int(np.argwhere(bad)[0][0])
+                raise DatasetError(f"{name}: {x_key} contains NaN or infinite values (first in sample {i})")
     if y.dtype.kind == "f":
         nonint = ~np.isfinite(y) | (y != np.round(y))
         if nonint.any():
@@ -318,6 +342,61 @@ def _check_seed(seed: object) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # .npz files and image folders
+
+
+def _cached_npz(path: Path, cache_dir: str | os.PathLike[str] | None) -> RawData:
+    """An .npz file through the data cache: a zip member cannot be memory-mapped (it may be
+    compressed), so its arrays are written once as channel-first .npy files and mapped from there."""
+    import numpy as np
+
+    from .datasource import cached_entry, fingerprint, load_entry
+
+    stat = path.stat()
+    key = fingerprint([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+
+    def build(tmp: Path) -> dict[str, object]:
+        raw = _load_npz(path)
+        for k in ("x", "y", "x_test", "y_test"):
+            a = getattr(raw, k)
+            if a is not None:
+                a = np.asarray(a)
+                np.save(tmp / f"{k}.npy", a.astype(np.float32) if a.dtype == np.float64 else a)
+        return {"class_names": list(raw.class_names) if raw.class_names is not None else None}
+
+    entry, meta = cached_entry("npz", key, build, cache_dir)
+    has_test = (entry / "x_test.npy").is_file()
+    names = meta["class_names"]
+    return RawData(
+        x=load_entry(entry, "x"),
+        y=np.asarray(load_entry(entry, "y")),
+        x_test=load_entry(entry, "x_test") if has_test else None,
+        y_test=np.asarray(load_entry(entry, "y_test")) if (entry / "y_test.npy").is_file() else None,
+        class_names=tuple(names) if names is not None else None,
+    )
+
+
+def _load_npy_folder(folder: Path) -> RawData:
+    """x.npy / y.npy (and x_test.npy / y_test.npy) memory-mapped in place: no copy at all."""
+    import numpy as np
+
+    def load(key: str) -> np.ndarray | None:
+        p = folder / f"{key}.npy"
+        if not p.is_file():
+            return None
+        try:
+            return np.load(p, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise DatasetError(f"{p}: not a plain numeric .npy array ({exc})") from None
+
+    x, y, x_test, y_test = (load(k) for k in ("x", "y", "x_test", "y_test"))
+    if y is None:
+        raise DatasetError(f"{folder}: has x.npy but no y.npy (class indices, one per row of x)")
+    return RawData(
+        x=_channel_first(folder, x, None, "x"),
+        y=np.asarray(y),
+        x_test=_channel_first(folder, x_test, None, "x_test") if x_test is not None else None,
+        y_test=np.asarray(y_test) if y_test is not None else None,
+    )
 
 
 def _load_npz(path: Path) -> RawData:
@@ -391,9 +470,7 @@ def _channel_first(path: Path, x: np.ndarray, layout: str | None, key: str) -> n
     return x
 
 
-def _load_folder(root: Path) -> RawData:
-    import numpy as np
-
+def _load_folder(root: Path, cache_dir: str | os.PathLike[str] | None) -> RawData:
     subdirs = _subdirs(root)
     split_dirs = {d.name for d in subdirs} == {"train", "test"} and all(_subdirs(d) for d in subdirs)
     train_root = root / "train" if split_dirs else root
@@ -411,35 +488,9 @@ def _load_folder(root: Path) -> RawData:
         found = _image_files(root / "test", test_classes)
         test_files = [(p, classes.index(test_classes[i])) for p, i in found]
 
-    from PIL import Image, UnidentifiedImageError
+    from .decoders import decode_image_folder
 
-    all_files = [p for p, _ in train_files + test_files]
-    modes: set[str] = set()
-    sizes: Counter[tuple[int, int]] = Counter()
-    for p in all_files:  # first pass reads headers only: cheap
-        try:
-            with Image.open(p) as im:
-                modes.add(im.mode)
-                sizes[im.size] += 1
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DatasetError(f"{p}: not a readable image ({exc})") from None
-    mode = "L" if modes <= GREY_MODES else "RGB"
-    size = sizes.most_common(1)[0][0]  # ties go to the size seen first (files are sorted)
-
-    def read(files: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
-        images = []
-        for p, _ in files:
-            with Image.open(p) as im:
-                im = im.convert(mode)
-                if im.size != size:
-                    im = im.resize(size, Image.Resampling.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-            images.append(a[np.newaxis] if mode == "L" else a.transpose(2, 0, 1))  # -> (C, H, W)
-        return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
-
-    x, y = read(train_files)
-    x_test, y_test = read(test_files) if test_files else (None, None)
-    return RawData(x=x, y=y, x_test=x_test, y_test=y_test, class_names=tuple(classes))
+    return RawData(**decode_image_folder(root, train_files, test_files, classes, cache_dir))
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -488,7 +539,7 @@ def _digits() -> RawData:
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # pixel counts are 0..16
     y = y.astype(np.int64)
     _frozen(x, y)
-    return RawData(x=x, y=y)
+    return RawData(x=x, y=y, hflip_ok=False)  # a mirrored 2 is no digit
 
 
 @functools.lru_cache(maxsize=1)
@@ -516,7 +567,7 @@ def _mnist5k() -> RawData:
     x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     y = y.astype(np.int64)
     _frozen(x, y)
-    return RawData(x=x, y=y)
+    return RawData(x=x, y=y, hflip_ok=False)
 
 
 register_dataset("digits", _digits, "scikit-learn 8x8 digits: 1,797 images, 10 classes, (1, 8, 8)")

@@ -288,6 +288,7 @@ def prepare_run(
         state_path=out / "strategy_state.json",
         static_metrics=static,
         rows=rows,
+        record=evaluator.record() if hasattr(evaluator, "record") else None,
     )
     return SearchRun(out, cfg, store, controller, evaluator, space, lock, created, parse)
 

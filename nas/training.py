@@ -9,7 +9,6 @@ report), so a search never selects on the test split.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,15 +23,17 @@ if TYPE_CHECKING:
     import torch
 
     from .data import Dataset
+    from .recipes import Recipe
+    from .trainer import Trainer
 
 __all__ = ["TrainingEvaluator", "save_weights"]
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, seed: int) -> Dataset:
+def _dataset(name: str, seed: int, cache_dir: str | None = None) -> Dataset:
     from .data import load_dataset
 
-    return load_dataset(name, seed=seed)
+    return load_dataset(name, seed=seed, cache_dir=cache_dir)
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,13 @@ class TrainingEvaluator:
     dataset: str = "digits"
     data_seed: int = 0
     seed: int = 0
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    # how candidates train: a recipe name (quick, standard, darts) or a table ({"base": ..., ...});
+    # batch_size / lr / weight_decay, when given, override the recipe's
+    recipe: str | Mapping[str, Any] = "quick"
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    cache_dir: str | None = None  # where folders and .npz files are decoded (nas.datasource.cache_root)
     device: str = "auto"  # "auto": the GPU a trial is given if any, else the CPU
     # torch threads for training; the runner gives each trial its CPUs. More threads than
     # cores (two trials x default threads on 2 cores) made small models ~10x slower here.
@@ -59,8 +64,9 @@ class TrainingEvaluator:
     weights_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.lr <= 0:
+        if (self.batch_size is not None and self.batch_size < 1) or (self.lr is not None and self.lr <= 0):
             raise ConfigError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size}, {self.lr}")
+        self.training_recipe()  # a bad recipe fails here, in the driver
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -69,7 +75,16 @@ class TrainingEvaluator:
         return get_space(self.space, **dict(self.space_options))
 
     def data(self) -> Dataset:
-        return _dataset(self.dataset, self.data_seed)
+        return _dataset(self.dataset, self.data_seed, self.cache_dir)
+
+    def training_recipe(self) -> Recipe:
+        from .recipes import get_recipe
+
+        return get_recipe(self.recipe, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay)
+
+    def record(self) -> dict[str, Any]:
+        """What every trial's record holds about how it was trained (the recipe, replayable)."""
+        return {"recipe": self.training_recipe().to_dict()}
 
     def _device(self) -> torch.device:
         import torch
@@ -99,63 +114,38 @@ class TrainingEvaluator:
         self, genotype: Genotype, budget: int, report: Reporter | None = None
     ) -> tuple[nn.Module, float, torch.device]:
         """Build and train the genotype's model: (trained model, last val_acc, device)."""
+        trainer = self.trainer(genotype, budget)
+        val_acc = trainer.run(report)
+        return trainer.eval_model(), val_acc, trainer.device
+
+    def trainer(self, genotype: Genotype, budget: int, progress: bool = False) -> Trainer:
+        """A `Trainer` for the genotype's freshly built (seeded) model; nothing trained yet."""
         import torch
-        from torch import nn
+
+        from .trainer import Trainer
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         data = self.data()
-        device = self._device()
+        recipe = self.training_recipe()
         torch.manual_seed(self.seed)
-        model = self.search_space().build(genotype, data.input_shape, data.num_classes).to(device)
-        x_tr, y_tr = _tensor(data.x_train, device), _tensor(data.y_train, device)
-        x_va, y_va = _tensor(data.x_val, device), _tensor(data.y_val, device)
-
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps_per_epoch = math.ceil(len(x_tr) / self.batch_size)
-        if self.max_train_batches:
-            steps_per_epoch = min(steps_per_epoch, self.max_train_batches)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=max(1, budget * steps_per_epoch), pct_start=0.15
+        model = self.build(genotype, auxiliary=recipe.auxiliary)
+        return Trainer(
+            model, data, recipe, budget, self.seed, self._device(), self.max_train_batches, progress=progress
         )
-        loss_fn = nn.CrossEntropyLoss()
-        gen = torch.Generator().manual_seed(self.seed)
-        val_acc = 0.0
-        for epoch in range(1, budget + 1):
-            if hasattr(model, "set_drop_path_progress"):  # ScheduledDropPath (NASNet)
-                model.set_drop_path_progress((epoch - 1) / max(1, budget))
-            model.train()
-            order = torch.randperm(len(x_tr), generator=gen).to(device)
-            total, seen = 0.0, 0
-            for step in range(steps_per_epoch):
-                idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-                loss = self._loss(model, loss_fn, x_tr[idx], y_tr[idx])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-            val_acc = _accuracy(model, x_va, y_va, self.batch_size * 4)
-            if report is not None:
-                report(epoch, {"val_acc": val_acc, "train_loss": total / max(seen, 1)})
-        return model, val_acc, device
 
-    # DARTS (Liu et al. 2019, Sec. 3.3): the auxiliary classifier's loss, weighted 0.4, joins the
-    # training loss when the network has one; evaluation uses the main head only
-    AUX_WEIGHT = 0.4
-
-    def _loss(self, model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if getattr(model, "auxiliary_head", None) is None:
-            return loss_fn(model(x), y)
-        logits, aux = model.forward_with_aux(x)
-        loss = loss_fn(logits, y)
-        return loss if aux is None else loss + self.AUX_WEIGHT * loss_fn(aux, y)
+    def build(self, genotype: Genotype, auxiliary: bool = False) -> nn.Module:
+        """The genotype's model; cell networks get their auxiliary head when the recipe trains one."""
+        data = self.data()
+        options = dict(self.space_options)
+        if auxiliary and self.space in ("darts", "nasnet"):
+            options["auxiliary"] = True
+        return get_space(self.space, **options).build(genotype, data.input_shape, data.num_classes)
 
     def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
-        model, val_acc, device = self.train_model(genotype, budget, report)
+        trainer = self.trainer(genotype, budget)
+        val_acc = trainer.run(report)
+        model, device, history = trainer.eval_model(), trainer.device, trainer.history
         data = self.data()
         # gpu: 1 when this trial trained on a CUDA device, so a run's records show that GPU
         # trials really used one (Ray hides the GPUs a trial was not given)
@@ -164,15 +154,18 @@ class TrainingEvaluator:
             "epochs": float(budget),
             "gpu": float(device.type == "cuda"),
         }
+        if history:  # throughput and memory of the training itself
+            metrics["images_per_s"] = sum(h["images_per_s"] for h in history) / len(history)
+            metrics["peak_rss_mb"] = max(h["peak_rss_mb"] for h in history)
         if self.with_test:
-            metrics["test_acc"] = _accuracy(
-                model, _tensor(data.x_test, device), _tensor(data.y_test, device), self.batch_size * 4
-            )
+            from .trainer import accuracy
+
+            metrics["test_acc"] = accuracy(model, data.x_test, data.y_test, 256, device)
         model = model.cpu()
         metrics.update(self._costs(model, data.input_shape))
         path = self.weights_path(genotype, budget)
         if path is not None:  # the compression stage starts from these trained weights
-            save_weights(model, path)
+            save_weights(model, path, drop_prefixes=("auxiliary_head.",))
         return metrics
 
     def _costs(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
@@ -189,33 +182,18 @@ class TrainingEvaluator:
         return out
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path, drop_prefixes: tuple[str, ...] = ()) -> None:
     """The model's state dict as safetensors, written atomically (a killed trial leaves no
-    half file that a later compression would read)."""
+    half file that a later compression would read). ``drop_prefixes``: training-only parts (an
+    auxiliary head) that the deployed model, built without them, does not hold."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(drop_prefixes)}
     # contiguous clones: safetensors refuses views that share storage
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
-
-
-def _tensor(array: Any, device: torch.device) -> torch.Tensor:
-    import torch
-
-    return torch.as_tensor(array).to(device)
-
-
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    import torch
-
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    return correct / max(len(x), 1)
 
 
 if TYPE_CHECKING:

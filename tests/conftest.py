@@ -23,6 +23,18 @@ def _one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache_in_tmp(tmp_path_factory):
+    """Decoded data sets go to a session folder (and subprocesses inherit it), never ~/.cache."""
+    old = os.environ.get("NAS_RUN_CACHE_DIR")
+    os.environ["NAS_RUN_CACHE_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NAS_RUN_CACHE_DIR", None)
+    else:
+        os.environ["NAS_RUN_CACHE_DIR"] = old
+
+
 def _finished_trials(db: Path) -> int:
     try:
         with sqlite3.connect(db) as con:

@@ -19,21 +19,21 @@ def check_dataset(d: Dataset, num_classes: int, input_shape: tuple[int, ...]) ->
         assert x.dtype == np.float32 and y.dtype == np.int64
         assert x.shape == (len(y), *input_shape)
         assert y.min() >= 0 and y.max() < num_classes
-        assert np.isfinite(x).all()
+        assert np.isfinite(np.asarray(x)).all()
     # stratified: every class reaches every split
     for y in (d.y_train, d.y_val, d.y_test):
         assert set(np.unique(y).tolist()) == set(range(num_classes))
     # standardised with the training statistics, per channel
     axes = (0, *range(2, d.x_train.ndim))
-    np.testing.assert_allclose(d.x_train.mean(axis=axes), 0.0, atol=1e-4)
-    np.testing.assert_allclose(d.x_train.std(axis=axes), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(d.x_train).mean(axis=axes), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(d.x_train).std(axis=axes), 1.0, atol=1e-3)
     assert len(d.mean) == len(d.std) == input_shape[0]
     assert len(d.class_names) == num_classes
     assert str(len(d.y_train)) in d.summary()
 
 
 def fingerprint(d: Dataset) -> tuple[bytes, ...]:
-    return tuple(a.tobytes() for a in (d.x_train, d.y_train, d.x_val, d.y_val, d.x_test, d.y_test))
+    return tuple(np.asarray(a).tobytes() for a in (d.x_train, d.y_train, d.x_val, d.y_val, d.x_test, d.y_test))
 
 
 def test_list_datasets_names_builtins() -> None:
@@ -63,7 +63,7 @@ def test_splits_are_disjoint_and_cover_the_pool() -> None:
     from sklearn.datasets import load_digits
 
     d = load_dataset("digits", seed=0, standardize=False)
-    rows = Counter(r.tobytes() for x in (d.x_train, d.x_val, d.x_test) for r in x.reshape(len(x), -1))
+    rows = Counter(r.tobytes() for x in (d.x_train, d.x_val, d.x_test) for r in np.asarray(x).reshape(len(x), -1))
     pool = Counter(r.tobytes() for r in (load_digits().data / 16.0).astype(np.float32))
     assert rows == pool  # every sample exactly once (as a multiset: digits has duplicates)
     assert d.mean == (0.0,) and d.std == (1.0,)
@@ -93,9 +93,11 @@ def test_mnist5k() -> None:
 
 def test_cached_builtin_cannot_be_corrupted_by_a_caller() -> None:
     d = load_dataset("digits", seed=0)
-    d.x_train[:] = 0  # the caller owns its arrays ...
-    again = load_dataset("digits", seed=0)
-    assert again.x_train.std() > 0.5  # ... and the cache is untouched
+    batch = d.x_train[:]
+    batch[:] = 0  # the caller owns the rows it is given ...
+    assert np.asarray(d.x_train).std() > 0.5  # ... and the data set is untouched
+    with pytest.raises(ValueError):
+        d.x_train.raw[0] = 0  # its source rows are read-only
 
 
 # ---------------------------------------------------------------------------------------------

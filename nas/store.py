@@ -237,11 +237,12 @@ class RunStore:
         return pd.DataFrame(rows)
 
     def pareto(self) -> Any:
-        """Completed, feasible, non-dominated trials as a DataFrame (n objectives)."""
+        """Completed, feasible, non-dominated trials as a DataFrame (n objectives). Final-training
+        trials (stage "train": a longer recipe, not a candidate of the search) are not on it."""
         df = self.dataframe()
         if df.empty:
             return df
-        done = df[df["status"] == "complete"].reset_index(drop=True)
+        done = df[(df["status"] == "complete") & (df["stage"] != "train")].reset_index(drop=True)
         if done.empty:
             return done
         ls = [losses(self.objectives, r) for r in done.to_dict("records")]

@@ -313,7 +313,7 @@ class Trainer:
         for key, value in tensors.items():
             if key.startswith("opt."):
                 _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value.to(self.device)
+                state.setdefault(int(pid), {})[name] = value  # load_state_dict moves it
         for pid, plain in rest["opt_plain_state"].items():
             state.setdefault(int(pid), {}).update(plain)
         self.opt.load_state_dict({"state": state, "param_groups": rest["opt_param_groups"]})

@@ -1,4 +1,4 @@
-"""The `nas-run` command line: `search`, `compress`, `report`, `export`, `show` and `list`.
+"""The `nas-run` command line: `search`, `train`, `compress`, `report`, `export`, `show` and `list`.
 
 User errors (`NasRunError`: a typo in a name, a bad genotype, a broken data set or config) are
 printed as one line and exit with code 2, never with a traceback.
@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .compress_cmd import add_compress_parser
     from .export_cmd import add_export_parser
     from .report_cmd import add_report_parser
+    from .train_cmd import add_train_parser
 
+    add_train_parser(sub)
     add_compress_parser(sub)
     add_report_parser(sub)
     add_export_parser(sub)
@@ -301,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _search(args)
         if args.command == "show":
             return _show(args)
+        if args.command == "train":
+            from .train_cmd import train_command
+
+            return train_command(args)
         if args.command == "compress":
             from .compress_cmd import compress_command
 

@@ -87,6 +87,18 @@ class Progress:
             flush=True,
         )
 
+    def _final_training(self, trained: Any, store: Any) -> None:
+        """`nas-run train`'s trials: recipe, epochs and the test accuracy measured once at the end."""
+        attrs = {t.number: t.user_attrs for t in store.study.get_trials(deepcopy=False)}
+        shown = trained.assign(
+            recipe=[(attrs[n].get("recipe") or {}).get("name", "") for n in trained["number"]],
+            train_on=[attrs[n].get("train_on", "") for n in trained["number"]],
+        )
+        cols = [c for c in ("number", "status", "seed", "budget", "recipe", "train_on", "val_acc", "test_acc", "params",
+                            "duration_s", "genotype") if c in shown.columns]
+        print("final training (nas-run train; budget = epochs):", file=self.stream)
+        print(shown[cols].to_string(index=False, max_colwidth=70), file=self.stream)
+
     def summary(self, run: Any) -> None:
         df = run.store.dataframe()
         if getattr(run.config, "joint", False) and not df.empty:  # its trials are the pairs
@@ -96,7 +108,8 @@ class Progress:
         else:
             search = df[df["stage"].isin(["search"]) | df["stage"].isna()] if not df.empty else df
         counts = search["status"].value_counts().to_dict() if not search.empty else {}
-        compressed = len(df) - len(search)
+        trained = df[df["stage"] == "train"] if not df.empty else df
+        compressed = len(df) - len(search) - len(trained)
         front = run.store.pareto()
         cols = [
             c
@@ -119,6 +132,8 @@ class Progress:
 
                 shown["policy"] = [Policy.from_json(p).label() if p else "" for p in shown["policy"]]
             print(shown.to_string(index=False, max_colwidth=90), file=self.stream)
+        if not trained.empty:
+            self._final_training(trained, run.store)
         tables = [run.out / "trials.csv", run.out / "pareto.csv"]
         if all(t.exists() for t in tables):  # written when a search ends (or is interrupted)
             print(f"tables: {tables[0]}, {tables[1]}", file=self.stream)

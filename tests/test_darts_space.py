@@ -253,7 +253,9 @@ def test_version_1_strings() -> None:
 
 def test_training_adds_the_auxiliary_loss_when_the_network_has_the_head():
 
-    from nas.training import TrainingEvaluator
+    from nas.data import load_dataset
+    from nas.recipes import get_recipe
+    from nas.trainer import Trainer
 
     space = get_space("darts").tiny().with_options(auxiliary=True)
     model = space.build(space.sample(np.random.default_rng(0)), (1, 8, 8), 10)
@@ -261,6 +263,8 @@ def test_training_adds_the_auxiliary_loss_when_the_network_has_the_head():
     ce = torch.nn.CrossEntropyLoss()
     logits, aux = model.forward_with_aux(x)
     assert aux is not None
-    loss = TrainingEvaluator(space="darts")._loss(model, ce, x, y)
+    trainer = Trainer(model, load_dataset("digits"), get_recipe("darts"), 1, 0, torch.device("cpu"))
+    model.eval()  # no drop-path: the two forward passes must agree
+    loss = trainer._loss(x, y)
     assert torch.allclose(loss, ce(logits, y) + 0.4 * ce(aux, y))
     assert torch.allclose(model(x), logits)  # evaluation: the main head only

@@ -1,0 +1,278 @@
+"""CIFAR-10 as a JPEG folder: what the data cache costs and saves, and what the Trainer costs per batch.
+
+data: the first decode of the folder into an empty cache, a later load in a fresh process, the
+peak RSS of one trial (load + tiny DARTS cell network, recipe standard, --train-batches batches)
+and of two such trials at once with the system's "used" memory (MemTotal - MemAvailable) before
+and during, beside the old loader (the commit before nas/datasource.py: whole folder decoded to
+float32 in every process). Every measurement runs in its own fresh process, so ru_maxrss is its own.
+throughput: images/s of `Trainer` (recipe quick) vs a plain PyTorch loop (AdamW, pre-built float
+batches, the same model and rows), one torch thread each, interleaved over --rounds rounds.
+
+    python bench/cifar10.py --data /tmp/cifar/cifar10 --out results/cifar10.md
+    python bench/cifar10.py --sections throughput --batches 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MiB = 1024  # ru_maxrss is in KiB on Linux
+
+
+def peak_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / MiB
+
+
+def status_mb(field: str) -> float:
+    """A field of /proc/self/status (VmRSS, RssAnon, RssFile), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / MiB
+    return float("nan")
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / MiB
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def evaluator(a: argparse.Namespace, space: str, recipe: str, batches: int) -> Any:
+    from nas.training import TrainingEvaluator
+    from search_spaces import get_space
+
+    return TrainingEvaluator(space=space, space_options=dict(get_space(space).tiny().options), dataset=a.data,
+                             recipe=recipe, cache_dir=a.cache_dir, measure_latency=False,
+                             max_train_batches=batches, threads=1)
+
+
+def genotype(space: str) -> Any:
+    import numpy as np
+
+    from search_spaces import get_space
+
+    return get_space(space).tiny().sample(np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# children: one measurement each, one JSON line on stdout
+
+
+def child(a: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if a.child in ("decode", "load", "old"):
+        if a.child == "old":
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("old_data", a.old_module)
+            mod = sys.modules["old_data"] = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(mod)  # type: ignore[union-attr]
+            load_dataset = mod.load_dataset
+        else:
+            from nas.data import load_dataset
+        import sklearn.model_selection  # noqa: F401  (imported by both loaders: kept out of the timing)
+
+        t1 = time.perf_counter()
+        data = load_dataset(a.data, seed=0, **({} if a.child == "old" else {"cache_dir": a.cache_dir}))
+        out = {"s": time.perf_counter() - t1, "import_s": t1 - t0, "workers_peak_mb": peak_mb(resource.RUSAGE_CHILDREN),
+               "n": len(data.y_train) + len(data.y_val) + len(data.y_test)}
+    elif a.child == "train":
+        trainer = evaluator(a, "darts", "standard", a.train_batches).trainer(genotype("darts"), 1)
+        trainer.run()
+        h = trainer.history[-1]
+        out = {"s": time.perf_counter() - t0, "images_per_s": h["images_per_s"], "val_acc": h["val_acc"]}
+    else:  # throughput of one space
+        out = throughput(a, a.child.split(":")[1])
+    return {**out, "peak_mb": peak_mb(), "anon_mb": status_mb("RssAnon"), "file_mb": status_mb("RssFile")}
+
+
+def throughput(a: argparse.Namespace, space: str) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from nas.trainer import batches
+
+    ev, g = evaluator(a, space, "quick", a.batches), genotype(space)
+    data, recipe = ev.data(), ev.training_recipe()
+    torch.set_num_threads(1)
+    # the rows Trainer's first epoch takes (its shuffling generator is seeded with ev.seed)
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(ev.seed)).numpy()
+    order = order[: a.batches * recipe.batch_size]
+    pre = list(batches(data.x_train, data.y_train, order, recipe.batch_size, torch.device("cpu")))
+
+    def plain() -> float:
+        torch.manual_seed(ev.seed)
+        model = ev.build(g).train()
+        opt, loss_fn = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay), \
+            torch.nn.CrossEntropyLoss()
+        t0 = time.perf_counter()
+        for xb, yb in pre:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+        return len(order) / (time.perf_counter() - t0)
+
+    def trainer() -> float:
+        tr = ev.trainer(g, 1)
+        assert tr.steps_per_epoch == a.batches and not recipe.augments
+        tr.run()
+        return float(tr.history[-1]["images_per_s"])
+
+    plain()  # warm-up: first-use costs of kernels and the allocator, outside both timings
+    runs: dict[str, list[float]] = {"trainer": [], "plain": []}
+    for _ in range(a.rounds):
+        runs["plain"].append(plain())
+        runs["trainer"].append(trainer())
+    params = sum(p.numel() for p in ev.build(g).parameters())
+    return {"space": space, "genotype": ev.search_space().to_str(g), "params": params, "threads": torch.get_num_threads(),
+            "batch_size": recipe.batch_size, **{k: float(np.median(v)) for k, v in runs.items()}, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def spawn(a: argparse.Namespace, what: str, copies: int = 1, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run ``copies`` children at once; their JSON results and the rise of system "used" memory."""
+    cmd = [sys.executable, __file__, "--child", what, "--data", a.data, "--cache-dir", a.cache_dir,
+           "--batches", str(a.batches), "--train-batches", str(a.train_batches), "--rounds", str(a.rounds), *extra]
+    time.sleep(1.0)
+    before = mem_available_mb()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(copies)]
+    low = before
+    while any(p.poll() is None for p in procs):
+        low = min(low, mem_available_mb())
+        time.sleep(0.05)
+    results = []
+    for p in procs:
+        out = p.stdout.read() if p.stdout else ""
+        if p.returncode:
+            raise SystemExit(f"child {what} failed (exit {p.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"  {what} x{copies}: {results}", file=sys.stderr, flush=True)
+    return {"runs": results, "used_rise_mb": before - low}
+
+
+def old_rev() -> str:
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", "nas/datasource.py"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return f"{added[-1]}~1"
+
+
+def data_section(a: argparse.Namespace) -> list[str]:
+    gib = 1024.0
+    decode, load = spawn(a, "decode")["runs"][0], spawn(a, "load")["runs"][0]
+    rev = old_rev()
+    old_py = Path(tempfile.mkdtemp(prefix="nas-run-old-")) / "old_data.py"
+    old_py.write_text(subprocess.run(["git", "show", f"{rev}:nas/data.py"], cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout)
+    old = spawn(a, "old", extra=("--old-module", str(old_py)))["runs"][0]
+    shutil.rmtree(old_py.parent)
+    one, two = spawn(a, "train"), spawn(a, "train", copies=2)
+    t1, (w1, w2) = one["runs"][0], two["runs"]
+    added = two["used_rise_mb"] - one["used_rise_mb"]
+
+    def ok(value: float, goal: float) -> str:
+        return "yes" if value <= goal else "**no**"
+
+    return [
+        f"Data: `{a.data}`, {decode['n']} images. Before = the old loader (`{rev}:nas/data.py`: the whole "
+        f"folder decoded to float32 in every process, no cache); now = `nas.data.load_dataset` with the cache. "
+        f"Trial = load + tiny DARTS cell network (seeded sample), recipe standard, {a.train_batches} batches of "
+        f"128, 1 epoch (then precise-BN and validation), 1 torch thread. RSS = the process's own peak "
+        f"(ru_maxrss); at-end RSS split into anonymous + file-backed (the shared memory map); \"used\" rise = "
+        f"MemAvailable before minus its lowest value while the process(es) ran (whole system).", "",
+        "| measurement | before | now | goal | met |", "|---|---|---|---|---|",
+        f"| first load of the folder (decode), s | {old['s']:.1f} | {decode['s']:.1f} | | |",
+        f"| peak RSS of that process, MiB | {old['peak_mb']:.0f} | {decode['peak_mb']:.0f} (decode workers: "
+        f"{decode['workers_peak_mb']:.0f} each at most) | | |",
+        f"| later load in a fresh process, s | {old['s']:.1f} (decodes again) | {load['s']:.2f} (imports before "
+        f"it: {load['import_s']:.1f}) | <= 2 s "
+        f"| {ok(load['s'], 2.0)} |",
+        f"| peak RSS of a process that loads the data, MiB | {old['peak_mb']:.0f} | {load['peak_mb']:.0f} (at end: {load['anon_mb']:.0f} anon + "
+        f"{load['file_mb']:.0f} file) | | |",
+        f"| one trial: peak RSS, MiB | | {t1['peak_mb']:.0f} (at end: {t1['anon_mb']:.0f} anon + "
+        f"{t1['file_mb']:.0f} file); {t1['s']:.1f} s, {t1['images_per_s']:.0f} img/s | <= 1.5 GiB "
+        f"| {ok(t1['peak_mb'], 1.5 * gib)} |",
+        f"| two trials at once: peak RSS each, MiB | | {w1['peak_mb']:.0f} / {w2['peak_mb']:.0f} "
+        f"({w1['s']:.1f} / {w2['s']:.1f} s) | | |",
+        f"| system \"used\" rise: one trial / two at once, MiB | | {one['used_rise_mb']:.0f} / "
+        f"{two['used_rise_mb']:.0f} | | |",
+        f"| memory the second worker adds, MiB | | {added:.0f} | <= 0.5 GiB | {ok(added, 0.5 * gib)} |",
+    ]
+
+
+def throughput_section(a: argparse.Namespace) -> list[str]:
+    rows = [spawn(a, f"throughput:{s}")["runs"][0] for s in ("darts", "unireplk")]
+    lines = [
+        f"Throughput: recipe quick (AdamW, batch {rows[0]['batch_size']}, no augmentation), {a.batches} batches, "
+        f"{rows[0]['threads']} torch thread, CPU. Trainer = `Trainer.run()`'s images/s (batches read from the "
+        f"uint8 memory map and standardised per batch; its loop only, not the evaluation after it); plain = "
+        f"the same model (same seed) and rows as pre-built float tensors, zero_grad/forward/backward/step. "
+        f"Median of {a.rounds} interleaved rounds, after one untimed plain warm-up run; "
+        f"overhead = plain img/s / Trainer img/s - 1.", "",
+        "| tiny model (seeded sample) | params | Trainer img/s | plain img/s | overhead | goal | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        over = 100 * (r["plain"] / r["trainer"] - 1)
+        lines.append(f"| {r['space']} `{r['genotype'][:70]}` | {r['params']} | {r['trainer']:.0f} | {r['plain']:.0f} "
+                     f"| {over:+.1f}% | <= 10% | {'yes' if over <= 10 else '**no**'} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="/tmp/cifar/cifar10", help="image folder: train/<class>/, test/<class>/")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "cifar10.md")
+    ap.add_argument("--cache-dir", default=None, help="data cache (default: a fresh temporary folder, removed after)")
+    ap.add_argument("--sections", default="data,throughput")
+    ap.add_argument("--batches", type=int, default=60, help="throughput: training batches per run")
+    ap.add_argument("--train-batches", type=int, default=50, help="data: batches of the trial processes")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput: interleaved Trainer/plain rounds")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--old-module", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a)), flush=True)
+        return
+    sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"data", "throughput"}
+    if unknown:
+        ap.error(f"unknown section(s) {sorted(unknown)}; valid: data, throughput")
+    fresh = a.cache_dir is None
+    a.cache_dir = a.cache_dir or tempfile.mkdtemp(prefix="nas-run-bench-cache-")
+    try:
+        parts = [data_section(a) if s == "data" else throughput_section(a) for s in sections]
+    finally:
+        if fresh:
+            shutil.rmtree(a.cache_dir, ignore_errors=True)
+    cmd = "python bench/cifar10.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        "# CIFAR-10 JPEG folder: data cache, trial memory, Trainer throughput", "",
+        f"Command: `{cmd.strip()}`; cache: {'a fresh temporary folder' if fresh else a.cache_dir}. Machine: "
+        f"{os.cpu_count()} CPU cores, {mem_available_mb() / 1024:.0f} GiB available at the end. "
+        f"Written {time.strftime('%Y-%m-%d')}.", "",
+        *[line for p in parts for line in (*p, "")],
+    ])
+    print(text)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
+    print(f"written {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""`nas-run train`: train a run's chosen architecture from scratch with a full recipe.
+
+NASNet, DARTS and every NAS paper search with a cheap proxy (a few epochs, the ``quick`` recipe),
+then train the winner from scratch with a full recipe; this is that step. Each (architecture, seed)
+is one trial of stage ``train`` in the run's store, with its recipe, learning curve and the test
+accuracy measured once, at the end. A checkpoint (weights, optimizer, schedule, grad scaler, EMA,
+random generators, history: one safetensors file, its JSON part in the header, replaced atomically)
+is written after every epoch under ``DIR/train/``; ``resume=True`` continues from it after a crash
+or kill -9 and ends with the same weights as an uninterrupted run. The final weights go to
+``DIR/trained/<genotype id>.safetensors`` (the seed with the best validation accuracy), where
+`compress --run` and `export` find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search_spaces import ConfigError, Genotype
+
+if TYPE_CHECKING:
+    from .store import RunStore
+    from .trainer import Trainer
+
+__all__ = ["TRAINED_DIR", "TrainResult", "best_architecture", "final_weights", "train_final"]
+
+TRAINED_DIR = "trained"  # DIR/trained/<genotype id>.safetensors: the final-trained weights
+CHECKPOINT_DIR = "train"  # DIR/train/<key>/checkpoint.safetensors while (and after) training
+TRAIN_ON = ("train", "trainval")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    number: int
+    genotype: str
+    seed: int
+    metrics: dict[str, float]
+    weights: Path
+    resumed_from: int  # epochs already done when this call started (0: from scratch)
+
+
+def best_architecture(store: RunStore) -> dict[str, Any]:
+    """The run's best feasible finished search trial: non-dominated rank first, then the primary
+    objective (as `compress --run` orders its candidates)."""
+    import numpy as np
+
+    from .objectives import losses
+    from .pareto import nondominated_rank
+
+    recs = [
+        r for r in store.records()
+        if r.get("stage") in ("search", None) and r["status"] == "complete"
+        and losses(store.objectives, r["metrics"]) is not None and not (r.get("violation") or 0) > 0
+    ]  # fmt: skip
+    if not recs:
+        raise ConfigError("the run has no completed trial that meets its constraints to train")
+    arr = np.array([losses(store.objectives, r["metrics"]) for r in recs], dtype=float)
+    rank = nondominated_rank(arr)
+    return recs[min(range(len(recs)), key=lambda i: (int(rank[i]), tuple(arr[i])))]
+
+
+def final_weights(run_dir: str | os.PathLike[str], genotype_id: str) -> Path | None:
+    """The final-trained weights of an architecture of the run, if `nas-run train` made them."""
+    path = Path(run_dir) / TRAINED_DIR / f"{genotype_id}.safetensors"
+    return path if path.is_file() else None
+
+
+def train_final(
+    run_dir: str | os.PathLike[str],
+    epochs: int,
+    recipe: str | dict[str, Any] = "standard",
+    trial: int | None = None,
+    genotype: str | None = None,
+    train_on: str = "train",
+    seeds: Sequence[int] = (0,),
+    resume: bool = False,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+) -> list[TrainResult]:
+    """Train the chosen architecture once per seed; ``on_epoch(seed, epoch, metrics)`` after each epoch."""
+    from .recipes import get_recipe
+    from .search import _lock_run_folder, open_store, read_config
+    from .training import TrainingEvaluator
+
+    out = Path(run_dir)
+    if type(epochs) is not int or epochs < 1:
+        raise ConfigError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    if not seeds or any(type(s) is not int or s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be integers >= 0, got {list(seeds)!r}")
+    cfg = read_config(out)
+    lock = _lock_run_folder(out)  # one driver per run folder: a running search or train is refused
+    try:
+        store = open_store(out)
+        from search_spaces import get_space
+
+        space = get_space(cfg.space, **dict(cfg.space_options))
+        if cfg.tiny:
+            space = space.tiny()
+        g, source = _chosen(store, space, trial, genotype)
+        rec = get_recipe(recipe)
+        results = []
+        for seed in seeds:
+            evaluator = TrainingEvaluator(
+                space=cfg.space, space_options=dict(space.options), dataset=cfg.dataset, data_seed=cfg.seed,
+                seed=seed, recipe=rec, cache_dir=cache_dir, device=device,
+                threads=threads if threads is not None else max(1, int(cfg.cpus_per_trial)),
+            )  # fmt: skip
+            results.append(
+                _train_one(out, store, evaluator, g, source, epochs, train_on, resume, progress, on_epoch)
+            )
+        best = max(results, key=lambda r: r.metrics.get("val_acc", 0.0))
+        target = out / TRAINED_DIR / f"{g.id}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(best.weights.read_bytes())
+        os.replace(tmp, target)
+        return results
+    finally:
+        lock.close()
+
+
+def _chosen(store: RunStore, space: Any, trial: int | None, genotype: str | None) -> tuple[Genotype, int | None]:
+    if trial is not None and genotype is not None:
+        raise ConfigError("give --trial or --genotype, not both")
+    if genotype is not None:
+        return space.from_str(genotype), None
+    if trial is None:
+        best = best_architecture(store)
+        return space.from_str(best["genotype"]), best["number"]
+    by_number = {r["number"]: r for r in store.records()}
+    if trial not in by_number:
+        span = f"0..{max(by_number)}" if by_number else "none yet"
+        raise ConfigError(f"the run has no trial {trial} (trials: {span})")
+    rec = by_number[trial]
+    if rec.get("stage") not in ("search", None, "train") or not rec.get("genotype"):
+        raise ConfigError(f"trial {trial} is a {rec.get('stage')} trial, not an architecture of the search")
+    return space.from_str(rec["genotype"]), trial
+
+
+def _train_one(
+    out: Path, store: RunStore, evaluator: Any, g: Genotype, source: int | None, epochs: int, train_on: str,
+    resume: bool, progress: bool, on_epoch: Callable[[int, int, dict[str, float]], None] | None,
+) -> TrainResult:  # fmt: skip
+    from .trainer import accuracy
+    from .training import save_weights
+    from .trial import Candidate, TrialResult
+
+    recipe = evaluator.training_recipe()
+    key = f"{g.id}-s{evaluator.seed}-{recipe.name}-e{epochs}-{train_on}"
+    folder = out / CHECKPOINT_DIR / key
+    ckpt = folder / "checkpoint.safetensors"
+    final = folder / "model.safetensors"
+    strategy = f"train:{recipe.name}"
+    open_rows = [
+        r for r in store.records()
+        if r["stage"] == "train" and r["genotype_id"] == g.id and r["seed"] == evaluator.seed
+        and r["budget"] == epochs and r["strategy"] == strategy
+    ]  # fmt: skip
+    if any(r["status"] == "complete" for r in open_rows) and final.is_file():
+        raise ConfigError(
+            f"{g.id} seed {evaluator.seed} is already trained with recipe {recipe.name!r} for {epochs} epochs "
+            f"({final}); change --epochs, --recipe or --seeds to train another"
+        )
+    if ckpt.is_file() and not resume:
+        raise ConfigError(f"{key} has a checkpoint from an earlier, unfinished train ({ckpt}): pass --resume to continue it")
+    running = [r for r in open_rows if r["status"] == "running"]
+    number = running[-1]["number"] if running and resume else store.start(
+        g.to_str(), g.id, epochs, strategy, evaluator.seed, stage="train",
+        extra={"recipe": recipe.to_dict(), "train_on": train_on, "source_trial": source},
+    )  # fmt: skip
+
+    trainer = evaluator.trainer(g, epochs, progress=progress)
+    if train_on == "trainval":
+        trainer.data = _with_val_in_train(trainer.data)
+    done = 0
+    if resume and ckpt.is_file():
+        tensors, rest = _read_checkpoint(ckpt)
+        trainer.load_state(tensors, rest)
+        done = trainer.epoch
+
+    def after_epoch(t: Trainer) -> None:
+        _write_checkpoint(ckpt, t)
+        if on_epoch is not None:
+            on_epoch(evaluator.seed, t.epoch, t.history[-1])
+
+    t0 = time.perf_counter()
+    trainer.run(after_epoch=after_epoch)
+    model = trainer.eval_model()
+    data = evaluator.data()  # the original splits: test accuracy on the real test set, once
+    metrics = {
+        "val_acc": trainer.history[-1]["val_acc"],
+        "test_acc": accuracy(model, data.x_test, data.y_test, 256, trainer.device),
+        "epochs": float(epochs),
+        "images_per_s": sum(h["images_per_s"] for h in trainer.history) / len(trainer.history),
+        "peak_rss_mb": max(h["peak_rss_mb"] for h in trainer.history),
+        "gpu": float(trainer.device.type == "cuda"),
+    }
+    model = model.cpu()
+    metrics.update(evaluator._costs(model, data.input_shape))
+    save_weights(model, final, drop_prefixes=("auxiliary_head.",))
+    store.finish(
+        Candidate(g, epochs, number),
+        TrialResult("complete", metrics, tuple(trainer.history), duration_s=time.perf_counter() - t0),
+    )
+    return TrainResult(number, g.to_str(), evaluator.seed, metrics, final, done)
+
+
+def _with_val_in_train(data: Any) -> Any:
+    """The same data set with the validation rows added to the training split (``--train-on
+    trainval``: the final model sees every labelled row; its val_acc is then not held out)."""
+    import dataclasses
+
+    import numpy as np
+
+    from .datasource import StandardizedArray
+
+    xt, xv = data.x_train, data.x_val
+    if xt.raw is not xv.raw:
+        raise ConfigError("--train-on trainval needs train and val rows from one source")
+    rows = StandardizedArray(xt.raw, np.concatenate([xt.index, xv.index]), data.mean, data.std, 1.0)
+    rows._a, rows._b = xt._a, xt._b  # the training split's standardisation, unchanged
+    return dataclasses.replace(data, x_train=rows, y_train=np.concatenate([data.y_train, data.y_val]))
+
+
+def _write_checkpoint(path: Path, trainer: Trainer) -> None:
+    """One file, replaced atomically: a kill at any instant leaves the previous epoch's checkpoint."""
+    from safetensors.torch import save_file
+
+    tensors, rest = trainer.state_tensors()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"nas_run_train_state": json.dumps(rest)},
+    )
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            rest = json.loads((fh.metadata() or {})["nas_run_train_state"])
+        return load_file(str(path)), rest
+    except Exception as exc:  # a damaged checkpoint: say which file, never a traceback
+        raise ConfigError(f"cannot read the checkpoint {path} ({exc}); delete it to train from scratch") from None

@@ -112,6 +112,8 @@ class CompressionEvaluator:
     space: str | None = None
     space_options: tuple[tuple[str, Any], ...] = ()
     weights_dir: str | None = None
+    # `nas-run train`'s final weights (<genotype id>.safetensors): used instead of the search's when there
+    final_weights_dir: str | None = None
     train_epochs: int = 8
     lr: float = 3e-3
     batch_size: int = 64
@@ -159,6 +161,9 @@ class CompressionEvaluator:
         else:
             trainer = self.trainer()
             path = trainer.weights_path(genotype, self.train_epochs)
+            final = self.final_weights(genotype)
+            if final is not None:
+                path = final
             if path is not None and path.is_file():
                 from safetensors.torch import load_file
 
@@ -182,6 +187,13 @@ class CompressionEvaluator:
 
             deploy = reparameterize(copy.deepcopy(module).eval())
         return BaseModel(module, kind, retrained, deploy)
+
+    def final_weights(self, genotype: Genotype) -> Path | None:
+        """The architecture's final-trained weights (`nas-run train`), if it has any."""
+        if self.final_weights_dir is None:
+            return None
+        path = Path(self.final_weights_dir) / f"{genotype.id}.safetensors"
+        return path if path.is_file() else None
 
     def as_eager(self, base: BaseModel) -> BaseModel:
         """A TorchScript model as an eager fx module with real Conv/BN/Linear layers (through its
@@ -228,6 +240,7 @@ class CompressionEvaluator:
         out = deploy_policy(pol, self.mergeable).apply(base.module, ctx)
         metrics = self.measure(base, out)
         metrics["retrained"] = float(base.retrained)
+        metrics["final_trained"] = float(self.final_weights(genotype) is not None)
         metrics["gpu"] = float(ctx.device.startswith("cuda"))
         self._keep(genotype, pol, out, metrics)
         report(1, {"val_acc": metrics["val_acc"]})

@@ -143,6 +143,8 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
             span = f"0..{max(by_number)}" if by_number else "none yet"
             raise ConfigError(f"the run {str(run.dir)!r} has no trial {trial} (trials: {span})")
         rec = by_number[trial]
+    elif policy is None and (trained := _final_trained(run, records)) is not None:
+        rec = trained  # `nas-run train`'s model of the run's chosen architecture: what the user trained for
     else:
         stage = "search" if run.space is not None and not run.joint else "compress"
         done = [r for r in records if r["stage"] == stage and r["status"] == "complete"
@@ -166,6 +168,12 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
             rec = _pick_policy(run, records, rec, policy)
     _check_usable(rec)
     return rec
+
+
+def _final_trained(run: _Run, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's best final-trained model (stage train, best validation accuracy), if any."""
+    done = [r for r in records if r["stage"] == "train" and r["status"] == "complete"]
+    return max(done, key=lambda r: (r["metrics"].get("val_acc", 0.0), r["number"])) if done else None
 
 
 def _policy_matches(text: str, wanted: str) -> bool:
@@ -230,6 +238,8 @@ def _reference(run: _Run, rec: dict[str, Any], data: Dataset) -> _Reference:
         from search_spaces import get_space
 
         path = run.dir / "weights" / f"{genotype.id}-s{rec['seed']}-e{rec['budget']}.safetensors"
+        if rec["stage"] == "train":  # `nas-run train`'s weights, where its record says
+            path = run.dir / str(run.store.study.get_trials(deepcopy=False)[rec["number"]].user_attrs.get("weights"))
         if not path.is_file():
             raise ConfigError(
                 f"trial {rec['number']} has no trained weights ({path}): the run was made before weights were kept; "
@@ -324,6 +334,9 @@ def export_trial(
     data = run.data()
     ref = _reference(run, rec, data)
     notes: list[str] = []
+    if rec["stage"] == "train":
+        notes.append(f"the final-trained model (nas-run train, {rec['budget']} epochs, seed {rec['seed']}): "
+                     f"val_acc {rec['metrics'].get('val_acc', float('nan')):.4f}, test_acc {rec['metrics'].get('test_acc', float('nan')):.4f}")
     meta = _metadata(run, ref, data)
     q_bytes: bytes | None = None
     deploy = None

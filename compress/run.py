@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from nas.config import RUNNERS
+from nas.final_training import TRAINED_DIR
 from nas.objectives import Objective, losses, parse_objectives
 from nas.store import RunStore
 from nas.trial import Candidate, TrialResult
@@ -275,6 +276,7 @@ def search_run_evaluator(
         space=run_cfg.space,
         space_options=tuple(sorted(dict(space.options).items())),
         weights_dir=str((out / "weights").resolve()),
+        final_weights_dir=str((out / TRAINED_DIR).resolve()),
         train_epochs=run_cfg.epochs,
         lr=run_cfg.lr,
         batch_size=run_cfg.batch_size,
@@ -381,6 +383,13 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         store_ro = _open_run_store(out, read_only=True)
         # parsed by the run's space: strings of older genotype versions come back in today's form
         architectures = [parse(text) for text in _top_candidates(store_ro, cfg.top_k)]
+        # a final-trained architecture (`nas-run train`) is what the user chose: it goes first,
+        # with its final weights, and the user is told
+        trained = [parse(r["genotype"]) for r in store_ro.records() if r["stage"] == "train" and r["status"] == "complete"]
+        trained = [g for g in dict.fromkeys(trained) if evaluator.final_weights(g) is not None]
+        architectures = (trained + [g for g in architectures if g not in trained])[: max(cfg.top_k, len(trained))]
+        for g in trained:
+            print(f"compressing {g.id} from its final-trained weights (nas-run train): {evaluator.final_weights(g)}")
         probe = evaluator.trainer()
         # the training form: the passes start from it (see `deploy_policy`)
         model = probe.search_space().build(architectures[0], data.input_shape, data.num_classes)

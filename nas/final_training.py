@@ -176,7 +176,8 @@ def _train_one(
     running = [r for r in open_rows if r["status"] == "running"]
     number = running[-1]["number"] if running and resume else store.start(
         g.to_str(), g.id, epochs, strategy, evaluator.seed, stage="train",
-        extra={"recipe": recipe.to_dict(), "train_on": train_on, "source_trial": source},
+        extra={"recipe": recipe.to_dict(), "train_on": train_on, "source_trial": source,
+               "weights": str(final.relative_to(out))},
     )  # fmt: skip
 
     trainer = evaluator.trainer(g, epochs, progress=progress)

@@ -261,10 +261,10 @@ def test_training_adds_the_auxiliary_loss_when_the_network_has_the_head():
     model = space.build(space.sample(np.random.default_rng(0)), (1, 8, 8), 10)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     ce = torch.nn.CrossEntropyLoss()
+    model.eval()  # no drop-path, fixed BatchNorm statistics: every forward pass below agrees
     logits, aux = model.forward_with_aux(x)
     assert aux is not None
     trainer = Trainer(model, load_dataset("digits"), get_recipe("darts"), 1, 0, torch.device("cpu"))
-    model.eval()  # no drop-path: the two forward passes must agree
     loss = trainer._loss(x, y)
     assert torch.allclose(loss, ce(logits, y) + 0.4 * ce(aux, y))
     assert torch.allclose(model(x), logits)  # evaluation: the main head only

@@ -95,10 +95,10 @@ def deploy_policy(policy: Policy, mergeable: bool) -> Policy:
 
 
 @functools.lru_cache(maxsize=2)
-def _dataset(name: str, seed: int, standardize: bool) -> Dataset:
+def _dataset(name: str, seed: int, standardize: bool, cache_dir: str | None = None) -> Dataset:
     from nas.data import load_dataset
 
-    return load_dataset(name, seed=seed, standardize=standardize)
+    return load_dataset(name, seed=seed, standardize=standardize, cache_dir=cache_dir)
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,11 @@ class CompressionEvaluator:
     # `nas-run train`'s final weights (<genotype id>.safetensors): used instead of the search's when there
     final_weights_dir: str | None = None
     train_epochs: int = 8
-    lr: float = 3e-3
-    batch_size: int = 64
+    # the search run's training (re-training a model whose weights are missing): recipe name or JSON table
+    recipe: str = "quick"
+    lr: float | None = None
+    batch_size: int | None = None
+    cache_dir: str | None = None
     # a user's own model
     model_spec: str | None = None
     model_weights: str | None = None
@@ -128,7 +131,7 @@ class CompressionEvaluator:
     device: str = "auto"
 
     def data(self) -> Dataset:
-        return _dataset(self.dataset, self.data_seed, self.standardize)
+        return _dataset(self.dataset, self.data_seed, self.standardize, self.cache_dir)
 
     # -- the uncompressed model ------------------------------------------------------------------
     def trainer(self) -> Any:
@@ -141,8 +144,10 @@ class CompressionEvaluator:
             dataset=self.dataset,
             data_seed=self.data_seed,
             seed=self.seed,
+            recipe=json.loads(self.recipe) if self.recipe.startswith("{") else self.recipe,
             batch_size=self.batch_size,
             lr=self.lr,
+            cache_dir=self.cache_dir,
             threads=self.threads,
             device=self.device,
             weights_dir=self.weights_dir,

@@ -278,8 +278,10 @@ def search_run_evaluator(
         weights_dir=str((out / "weights").resolve()),
         final_weights_dir=str((out / TRAINED_DIR).resolve()),
         train_epochs=run_cfg.epochs,
+        recipe=run_cfg.recipe if isinstance(run_cfg.recipe, str) else json.dumps(dict(run_cfg.recipe), sort_keys=True),
         lr=run_cfg.lr,
         batch_size=run_cfg.batch_size,
+        cache_dir=run_cfg.cache_dir,
         calib_size=calib_size,
         threads=max(1, int(cpus_per_trial)),
     )

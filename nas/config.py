@@ -43,9 +43,12 @@ class SearchConfig:
     joint: bool = False
     joint_policy: str = "prune+int8"
     joint_options: Mapping[str, Any] = field(default_factory=dict)
-    # training
-    batch_size: int = 64
-    lr: float = 3e-3
+    # training: a recipe by name (quick, standard, darts) or a table ({base = "standard", lr = 0.05, ...});
+    # batch_size / lr, when given, override the recipe's (quick: 64, 3e-3)
+    recipe: str | Mapping[str, Any] = "quick"
+    batch_size: int | None = None
+    lr: float | None = None
+    cache_dir: str | None = None  # where image folders and .npz files are decoded (default $XDG_CACHE_HOME/nas-run)
     # execution
     runner: str = "local"
     cpus_per_trial: float = 1.0
@@ -64,15 +67,19 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _positive("trials", self.trials)
         _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
+        if self.batch_size is not None:
+            _positive("batch_size", self.batch_size)
         _positive("max_concurrent", self.max_concurrent)
         _positive("grace_period", self.grace_period)
         if type(self.max_retries) is not int or self.max_retries < 0:  # bool is an int, not a count
             raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
         if self.reduction_factor < 2:
             raise ConfigError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        from .recipes import get_recipe
+
+        get_recipe(self.recipe)  # an unknown recipe or setting names the valid ones now
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError(
                 f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial}, {self.gpus_per_trial}"
@@ -115,6 +122,19 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{key} in {source} must be a list of strings, got {value!r}")
+    if key == "recipe":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"recipe in {source} must be a name (quick, standard, darts) or a table, got {value!r}")
+    if key == "batch_size" and value is not None:
+        _positive("batch_size", value)
+        return value
+    if key == "lr" and value is not None:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"lr in {source} must be a number, got {value!r}")
     if key in ("space_options", "strategy_options", "joint_options"):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} in {source} must be a table/mapping, got {value!r}")

@@ -228,8 +228,10 @@ def prepare_run(
         dataset=cfg.dataset,
         data_seed=cfg.seed,
         seed=cfg.seed,
+        recipe=cfg.recipe,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        cache_dir=cfg.cache_dir,
         threads=max(1, int(cfg.cpus_per_trial)),
         # test accuracy is measured for the final report only: it is not a valid objective or
         # constraint (TRAINING_METRICS), so no strategy ever selects on it

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="Ray: run a trial whose worker or node died again up to N times (default 2), then count it failed",
     )  # read as text: a bad N is one error line (exit 2), not argparse's usage screen
+    s.add_argument("--recipe", help="how candidates train: quick (default), standard or darts (see README)")
+    s.add_argument("--cache-dir", metavar="DIR", help="data cache for image folders / .npz files (default $XDG_CACHE_HOME/nas-run)")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", metavar="DIR", help="run folder (default results/<space>-<dataset>-...)")
     s.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://... (default: SQLite in DIR)")
@@ -170,6 +172,8 @@ _FLAG_KEYS = (
     "seed",
     "out",
     "storage",
+    "recipe",
+    "cache_dir",
 )
 
 

@@ -44,6 +44,17 @@ def proc_mb(path: str, field: str) -> float:
         return 0.0
 
 
+def cache_rss_mb(cache_dir: str) -> float:
+    """Resident pages of this process's memory maps of files under ``cache_dir`` (the data), in MiB."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[:1].isupper():  # a mapping's header line: address range, perms, ..., path
+            inside = line.split()[-1].startswith(str(Path(cache_dir).resolve()))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total / MiB
+
+
 def ok(value: float, goal: float) -> str:
     return "yes" if value <= goal else "**no**"
 
@@ -93,7 +104,8 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
     else:  # throughput of one space
         out = throughput(a, a.child.split(":")[1])
     status = "/proc/self/status"
-    return {**out, "peak_mb": peak_mb(), "anon_mb": proc_mb(status, "RssAnon"), "file_mb": proc_mb(status, "RssFile")}
+    return {**out, "peak_mb": peak_mb(), "anon_mb": proc_mb(status, "RssAnon"), "file_mb": proc_mb(status, "RssFile"),
+            "data_mb": cache_rss_mb(a.cache_dir)}
 
 
 def throughput(a: argparse.Namespace, space: str) -> dict[str, Any]:
@@ -193,10 +205,10 @@ def data_section(a: argparse.Namespace) -> list[str]:
         f"| later load in a fresh process, s | {old['s']:.1f} (decodes again) | {load['s']:.2f} (imports before "
         f"it: {load['import_s']:.1f}) | <= 2 s | {ok(load['s'], 2.0)} |",
         f"| peak RSS of a process that loads the data, MiB | {old['peak_mb']:.0f} | {load['peak_mb']:.0f} (at end: "
-        f"{load['anon_mb']:.0f} anon + {load['file_mb']:.0f} file); decoding: {decode['peak_mb']:.0f}, its "
+        f"{load['anon_mb']:.0f} anon + {load['file_mb']:.0f} file, of it {load['data_mb']:.0f} the data map); decoding: {decode['peak_mb']:.0f}, its "
         f"workers <= {decode['workers_peak_mb']:.0f} | | |",
         f"| one trial: peak RSS, MiB | | {t1['peak_mb']:.0f} (at end: {t1['anon_mb']:.0f} anon + "
-        f"{t1['file_mb']:.0f} file); {t1['s']:.1f} s, {t1['images_per_s']:.0f} img/s | <= 1.5 GiB "
+        f"{t1['file_mb']:.0f} file, of it {t1['data_mb']:.0f} the data map); {t1['s']:.1f} s, {t1['images_per_s']:.0f} img/s | <= 1.5 GiB "
         f"| {ok(t1['peak_mb'], 1.5 * gib)} |",
         f"| two trials at once: peak RSS each, MiB | | {w1['peak_mb']:.0f} / {w2['peak_mb']:.0f} "
         f"({w1['s']:.1f} / {w2['s']:.1f} s) | | |",

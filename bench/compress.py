@@ -151,7 +151,7 @@ def train_cnn(path: Path, epochs: int, seed: int = 0) -> float:
     d = load_dataset("mnist5k", seed=seed, standardize=False)
     torch.manual_seed(seed)
     model = resnet_cnn(d.num_classes, d.input_shape)
-    x, y = torch.as_tensor(d.x_train), torch.as_tensor(d.y_train)
+    x, y = torch.as_tensor(d.x_train[:]), torch.as_tensor(d.y_train)
     steps = epochs * ((len(x) + 63) // 64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CACHE_ENV",
     "StandardizedArray",
+    "as_rows",
     "cache_root",
     "cached_entry",
     "channel_stats",
@@ -134,6 +135,16 @@ class StandardizedArray:
 
     def __repr__(self) -> str:
         return f"StandardizedArray(shape={self.shape}, raw dtype={self.raw.dtype})"
+
+
+def as_rows(x: Any) -> StandardizedArray:
+    """``x`` itself, or a plain array (already standardised: a hand-made `Dataset`) wrapped as one."""
+    import numpy as np
+
+    if isinstance(x, StandardizedArray):
+        return x
+    x = np.asarray(x)
+    return StandardizedArray(x, np.arange(len(x)), np.zeros(x.shape[1]), np.ones(x.shape[1]), 1.0)
 
 
 def channel_stats(raw: np.ndarray, index: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:

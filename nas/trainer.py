@@ -49,6 +49,9 @@ def batches(
     and non-blocking copies on CUDA); the order is fixed by ``positions`` either way."""
     import torch
 
+    from .datasource import as_rows
+
+    x = as_rows(x)
     a = torch.as_tensor(x._a, device=device)
     b = torch.as_tensor(x._b, device=device)
     chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]

@@ -70,7 +70,7 @@ def _trained_logits(run: Path, space: str, digits) -> np.ndarray:
     model = sp.build(sp.from_str(rec["genotype"]), digits.input_shape, digits.num_classes)
     model.load_state_dict(load_file(str(run / "weights" / f"{rec['genotype_id']}-s0-e1.safetensors")))
     with torch.no_grad():
-        return model.eval()(torch.as_tensor(digits.x_val)).numpy()
+        return model.eval()(torch.as_tensor(digits.x_val[:])).numpy()
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -125,7 +125,7 @@ def test_compressed_model_exports_and_reloads_with_identical_outputs(runs, digit
     model = applied.replay(base, kept["records"], PassContext(data=digits))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     with torch.no_grad():
-        want = model.eval()(torch.as_tensor(digits.x_val)).numpy()
+        want = model.eval()(torch.as_tensor(digits.x_val[:])).numpy()
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())
 
     arch = _trial(run, "search")["number"]
@@ -133,7 +133,7 @@ def test_compressed_model_exports_and_reloads_with_identical_outputs(runs, digit
     assert st.trial == rec["number"] and st.check["passed"] and "structured" in st.policy_label
     again = load_model(tmp_path / "pruned.safetensors")
     with torch.no_grad():
-        assert np.array_equal(again(torch.as_tensor(digits.x_val)).numpy(), want)  # identical
+        assert np.array_equal(again(torch.as_tensor(digits.x_val[:])).numpy(), want)  # identical
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     for fmt in ("onnx", "torchscript"):
         r = export_trial(run, trial=rec["number"], format=fmt, out=tmp_path / f"pruned.{fmt}")

@@ -51,7 +51,7 @@ def trained() -> tuple[nn.Module, PassContext, np.ndarray]:
     torch.manual_seed(0)
     model = train_briefly(Net(), ctx)
     with torch.no_grad():
-        ref = model(torch.from_numpy(data.x_val)).numpy()
+        ref = model(torch.from_numpy(data.x_val[:])).numpy()
     assert (ref.argmax(1) == data.y_val).mean() > 0.9  # the fixture really learned the task
     return model, ctx, ref
 
@@ -231,14 +231,14 @@ def test_conv1d_models_quantize(trained):
     _, ctx, _ = trained
     d = ctx.data
     seq = dataclasses.replace(
-        d, x_train=d.x_train.reshape(-1, 1, 64), x_val=d.x_val.reshape(-1, 1, 64),
-        x_test=d.x_test.reshape(-1, 1, 64), input_shape=(1, 64),
+        d, x_train=d.x_train[:].reshape(-1, 1, 64), x_val=d.x_val[:].reshape(-1, 1, 64),
+        x_test=d.x_test[:].reshape(-1, 1, 64), input_shape=(1, 64),
     )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
     q, _ = INT8.apply(model, INT8.defaults, PassContext(seq, seed=0))
     with torch.no_grad():
-        ref = model(torch.from_numpy(seq.x_val)).numpy()
+        ref = model(torch.from_numpy(seq.x_val[:])).numpy()
     assert "QLinearConv" in _ops(q)
     assert _rel_error(onnx_logits(q, seq.x_val), ref) <= 0.1
 
@@ -264,7 +264,7 @@ def gelu_trained(trained) -> tuple[nn.Module, PassContext, np.ndarray]:
     torch.manual_seed(0)
     model = train_briefly(GeluNet(), ctx)
     with torch.no_grad():
-        ref = model(torch.from_numpy(ctx.data.x_val)).numpy()
+        ref = model(torch.from_numpy(ctx.data.x_val[:])).numpy()
     return model, ctx, ref
 
 

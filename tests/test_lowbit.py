@@ -52,7 +52,7 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 
 def _output_error(model: nn.Module, ref_model: nn.Module, x: np.ndarray) -> float:
     with torch.no_grad():
-        xt = torch.from_numpy(x)
+        xt = torch.from_numpy(np.asarray(x))
         ref = ref_model(xt)
         return float((model(xt) - ref).norm() / ref.norm())
 

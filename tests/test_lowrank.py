@@ -230,7 +230,7 @@ def test_search_space_models(name):
 
 def _train(model: nn.Module, data, epochs: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    x, y = torch.from_numpy(data.x_train[:]), torch.from_numpy(data.y_train)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(epochs):
@@ -243,7 +243,7 @@ def _train(model: nn.Module, data, epochs: int, seed: int = 0) -> nn.Module:
 
 def _accuracy(model: nn.Module, data) -> float:
     with torch.no_grad():
-        pred = model(torch.from_numpy(data.x_val)).argmax(1)
+        pred = model(torch.from_numpy(data.x_val[:])).argmax(1)
     return float((pred == torch.from_numpy(data.y_val)).float().mean())
 
 

@@ -500,11 +500,14 @@ def _subdirs(folder: Path) -> list[Path]:
 def _image_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
     files: list[tuple[Path, int]] = []
     for label, cls in enumerate(classes):
-        found = sorted(
-            p
-            for p in (root / cls).iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
+        folder = root / cls
+        # scandir's file type comes with the listing (no stat per file); names sort as strings
+        with os.scandir(folder) as it:
+            names = sorted(
+                e.name for e in it
+                if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+            )  # fmt: skip
+        found = [folder / n for n in names]
         if not found:
             kinds = ", ".join(sorted(IMAGE_SUFFIXES))
             raise DatasetError(f"{root / cls}: class folder has no images ({kinds})")

@@ -148,7 +148,42 @@ def as_rows(x: Any) -> StandardizedArray:
 
 
 def channel_stats(raw: np.ndarray, index: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of ``raw[index] * scale``, in chunks (float64 sums, no full copy)."""
+    """Per-channel mean and std of ``raw[index] * scale``, in chunks (float64 sums, no full copy).
+
+    For an array of the data cache they are kept beside it, per split (a later run with the same
+    seed reads them instead of passing over the whole training split again)."""
+    import numpy as np
+
+    memo = _stats_file(raw, index, scale)
+    if memo is not None:
+        try:
+            doc = json.loads(memo.read_text())
+            return np.asarray(doc["mean"], dtype=np.float64), np.asarray(doc["std"], dtype=np.float64)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or damaged: computed again below
+    mean, std = _channel_stats(raw, index, scale)
+    if memo is not None:
+        try:
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache still serves its arrays
+    return mean, std
+
+
+def _stats_file(raw: Any, index: np.ndarray, scale: float) -> Path | None:
+    import numpy as np
+
+    name = getattr(raw, "filename", None)
+    if name is None or not (Path(name).parent / "manifest.json").is_file():
+        return None  # not an array of the data cache (a user's own .npy files are never written beside)
+    h = hashlib.blake2b(np.ascontiguousarray(index, dtype=np.int64).tobytes(), digest_size=12)
+    h.update(repr((scale, raw.shape, Path(name).name)).encode())
+    return Path(name).parent / f"stats-{h.hexdigest()}.json"
+
+
+def _channel_stats(raw: np.ndarray, index: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     n_ch = raw.shape[1]

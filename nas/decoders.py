@@ -8,6 +8,7 @@ one pre-allocated ``.npy`` memory map (no pixels travel between processes), with
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +48,7 @@ def decode_image_folder(
     removed image decodes the folder again."""
     all_files = [p for p, _ in train_files + test_files]
     key = fingerprint(
-        [str(root.resolve()), len(train_files), classes]
-        + [(str(p.relative_to(root)), (s := p.stat()).st_size, s.st_mtime_ns) for p in all_files]
+        [str(root.resolve()), len(train_files), classes] + [_stamp(p, y) for p, y in train_files + test_files]
     )
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -73,6 +73,11 @@ def decode_image_folder(
 
     entry, meta = cached_entry("images", key, build, cache_dir)
     return _arrays(entry, meta, bool(test_files))
+
+
+def _stamp(p: Path, label: int) -> tuple[int, str, int, int]:
+    s = os.stat(p)
+    return (label, p.name, s.st_size, s.st_mtime_ns)
 
 
 def _headers(paths: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
@@ -134,9 +139,12 @@ def _run(fn: Any, jobs: list[Any], total: int, what: str, sizes: list[int] | Non
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: the parent may hold torch's thread pools, which a forked child can deadlock on
+    # fork on Linux: spawn would re-run a user's unguarded script (no `if __name__ == "__main__"`) in
+    # every worker and fail. The workers only run PIL and numpy, never torch's thread pools, which
+    # are what a forked child can deadlock on.
+    method = "fork" if sys.platform == "linux" else "spawn"
     workers = max(1, min(os.cpu_count() or 1, 8))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         futures = [pool.submit(fn, job) for job in jobs]
         for fut, n in zip(futures, sizes, strict=True):
             results.append(fut.result())

@@ -84,15 +84,24 @@ def train_final(
     on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
     device: str = "auto",
     threads: int | None = None,
+    runner: str = "local",
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float = 0.0,
+    ray_address: str | None = None,
 ) -> list[TrainResult]:
-    """Train the chosen architecture once per seed; ``on_epoch(seed, epoch, metrics)`` after each epoch."""
+    """Train the chosen architecture once per seed; ``on_epoch(seed, epoch, metrics)`` after each epoch.
+    ``runner="ray"``: the seeds train at once as Ray tasks (``cpus_per_trial``/``gpus_per_trial``
+    each, on a cluster at ``ray_address``); the run folder must then be on a filesystem they share."""
     from .recipes import get_recipe
     from .search import _lock_run_folder, open_store, read_config
     from .training import TrainingEvaluator
+    from .trial import Candidate, TrialResult
 
     out = Path(run_dir)
     if type(epochs) is not int or epochs < 1:
         raise ConfigError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if runner not in ("local", "ray"):
+        raise ConfigError(f"--runner must be local or ray, got {runner!r}")
     if train_on not in TRAIN_ON:
         raise ConfigError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     if not seeds or any(type(s) is not int or s < 0 for s in seeds):
@@ -108,16 +117,31 @@ def train_final(
             space = space.tiny()
         g, source = _chosen(store, space, trial, genotype)
         rec = get_recipe(recipe)
-        results = []
-        for seed in seeds:
-            evaluator = TrainingEvaluator(
+        evaluators = [
+            TrainingEvaluator(
                 space=cfg.space, space_options=dict(space.options), dataset=cfg.dataset, data_seed=cfg.seed,
                 seed=seed, recipe=rec, cache_dir=cache_dir, device=device,
                 threads=threads if threads is not None else max(1, int(cfg.cpus_per_trial)),
             )  # fmt: skip
-            results.append(
-                _train_one(out, store, evaluator, g, source, epochs, train_on, resume, progress, on_epoch)
+            for seed in seeds
+        ]
+        evaluators[0].data()  # a missing or broken data set fails now, before any row is written
+        opened = [_open_trial(out, store, ev, g, source, epochs, train_on, resume) for ev in evaluators]
+        calls = [(ev, g.to_str(), epochs, train_on, str(folder)) for ev, (_, folder) in zip(evaluators, opened, strict=True)]
+        t0 = time.perf_counter()
+        if runner == "ray":
+            from .runners.ray_tune import run_tasks
+
+            done = run_tasks(fit_seed, calls, cpus_per_trial, gpus_per_trial, ray_address)
+        else:
+            done = [fit_seed(*call, progress=progress, on_epoch=on_epoch) for call in calls]
+        results = []
+        for (number, folder), (metrics, history, resumed), ev in zip(opened, done, evaluators, strict=True):
+            store.finish(
+                Candidate(g, epochs, number),
+                TrialResult("complete", metrics, tuple(history), duration_s=time.perf_counter() - t0),
             )
+            results.append(TrainResult(number, g.to_str(), ev.seed, metrics, folder / "model.safetensors", resumed))
         best = max(results, key=lambda r: r.metrics.get("val_acc", 0.0))
         target = out / TRAINED_DIR / f"{g.id}.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,54 +171,64 @@ def _chosen(store: RunStore, space: Any, trial: int | None, genotype: str | None
     return space.from_str(rec["genotype"]), trial
 
 
-def _train_one(
+def _open_trial(
     out: Path, store: RunStore, evaluator: Any, g: Genotype, source: int | None, epochs: int, train_on: str,
-    resume: bool, progress: bool, on_epoch: Callable[[int, int, dict[str, float]], None] | None,
-) -> TrainResult:  # fmt: skip
-    from .trainer import accuracy
-    from .training import save_weights
-    from .trial import Candidate, TrialResult
-
+    resume: bool,
+) -> tuple[int, Path]:  # fmt: skip
+    """Checks against earlier trains of the same (architecture, seed, recipe, epochs, split), then the
+    store row: the running one a resume continues, else a new one. (trial number, checkpoint folder)."""
     recipe = evaluator.training_recipe()
-    key = f"{g.id}-s{evaluator.seed}-{recipe.name}-e{epochs}-{train_on}"
-    folder = out / CHECKPOINT_DIR / key
-    ckpt = folder / "checkpoint.safetensors"
-    final = folder / "model.safetensors"
+    folder = out / CHECKPOINT_DIR / f"{g.id}-s{evaluator.seed}-{recipe.name}-e{epochs}-{train_on}"
     strategy = f"train:{recipe.name}"
-    open_rows = [
+    rows = [
         r for r in store.records()
         if r["stage"] == "train" and r["genotype_id"] == g.id and r["seed"] == evaluator.seed
         and r["budget"] == epochs and r["strategy"] == strategy
     ]  # fmt: skip
-    if any(r["status"] == "complete" for r in open_rows) and final.is_file():
+    if any(r["status"] == "complete" for r in rows) and (folder / "model.safetensors").is_file():
         raise ConfigError(
             f"{g.id} seed {evaluator.seed} is already trained with recipe {recipe.name!r} for {epochs} epochs "
-            f"({final}); change --epochs, --recipe or --seeds to train another"
+            f"({folder / 'model.safetensors'}); change --epochs, --recipe or --seeds to train another"
         )
-    if ckpt.is_file() and not resume:
-        raise ConfigError(f"{key} has a checkpoint from an earlier, unfinished train ({ckpt}): pass --resume to continue it")
-    running = [r for r in open_rows if r["status"] == "running"]
-    number = running[-1]["number"] if running and resume else store.start(
+    if (folder / "checkpoint.safetensors").is_file() and not resume:
+        raise ConfigError(
+            f"{folder.name} has a checkpoint from an earlier, unfinished train ({folder / 'checkpoint.safetensors'}): "
+            "pass --resume to continue it"
+        )
+    running = [r for r in rows if r["status"] == "running"]
+    if running and resume:
+        return running[-1]["number"], folder
+    number = store.start(
         g.to_str(), g.id, epochs, strategy, evaluator.seed, stage="train",
         extra={"recipe": recipe.to_dict(), "train_on": train_on, "source_trial": source,
-               "weights": str(final.relative_to(out))},
+               "weights": str((folder / "model.safetensors").relative_to(out))},
     )  # fmt: skip
+    return number, folder
 
+
+def fit_seed(
+    evaluator: Any, genotype: str, epochs: int, train_on: str, folder: str, progress: bool = False,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> tuple[dict[str, float], list[dict[str, float]], int]:  # fmt: skip
+    """Train one seed from its checkpoint (if any) to the end; runs in the driver or in a Ray task.
+    Writes the checkpoint after every epoch and the final weights; (metrics, history, epochs resumed)."""
+    from .trainer import accuracy
+    from .training import save_weights
+
+    g = evaluator.search_space().from_str(genotype)
+    ckpt, final = Path(folder) / "checkpoint.safetensors", Path(folder) / "model.safetensors"
     trainer = evaluator.trainer(g, epochs, progress=progress)
     if train_on == "trainval":
         trainer.data = _with_val_in_train(trainer.data)
-    done = 0
-    if resume and ckpt.is_file():
-        tensors, rest = _read_checkpoint(ckpt)
-        trainer.load_state(tensors, rest)
-        done = trainer.epoch
+    if ckpt.is_file():
+        trainer.load_state(*_read_checkpoint(ckpt))
+    resumed = trainer.epoch
 
     def after_epoch(t: Trainer) -> None:
         _write_checkpoint(ckpt, t)
         if on_epoch is not None:
             on_epoch(evaluator.seed, t.epoch, t.history[-1])
 
-    t0 = time.perf_counter()
     trainer.run(after_epoch=after_epoch)
     model = trainer.eval_model()
     data = evaluator.data()  # the original splits: test accuracy on the real test set, once
@@ -209,11 +243,7 @@ def _train_one(
     model = model.cpu()
     metrics.update(evaluator._costs(model, data.input_shape))
     save_weights(model, final, drop_prefixes=("auxiliary_head.",))
-    store.finish(
-        Candidate(g, epochs, number),
-        TrialResult("complete", metrics, tuple(trainer.history), duration_s=time.perf_counter() - t0),
-    )
-    return TrainResult(number, g.to_str(), evaluator.seed, metrics, final, done)
+    return metrics, trainer.history, resumed
 
 
 def _with_val_in_train(data: Any) -> Any:

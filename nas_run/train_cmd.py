@@ -30,6 +30,10 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--seeds", default="1", metavar="K", help="train K seeds (0..K-1), one trial each (default 1)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted train from its last checkpoint")
     t.add_argument("--cache-dir", metavar="DIR", help="data cache folder (default $XDG_CACHE_HOME/nas-run)")
+    t.add_argument("--runner", default="local", help="local (default) or ray: the seeds train at once as Ray tasks")
+    t.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs per seed")
+    t.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray: GPUs per seed (fractions allowed)")
+    t.add_argument("--ray-address", help="join an existing Ray cluster (`auto` for `ray start --head` here)")
     t.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda[:N]")
     t.add_argument("--threads", metavar="N", help="torch threads (default: the run's cpus_per_trial)")
 
@@ -66,6 +70,8 @@ def train_command(args: argparse.Namespace) -> int:
         args.run, epochs=epochs, recipe=args.recipe, trial=_int("--trial", args.trial, 0), genotype=args.genotype,
         train_on=args.train_on, seeds=list(range(seeds or 1)), resume=args.resume, cache_dir=args.cache_dir,
         progress=sys.stderr.isatty(), on_epoch=on_epoch, device=args.device, threads=_int("--threads", args.threads, 1),
+        runner=args.runner, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        ray_address=args.ray_address,
     )  # fmt: skip
     for r in results:
         resumed = f" (resumed at epoch {r.resumed_from})" if r.resumed_from else ""

@@ -87,3 +87,19 @@ def test_bad_input_is_one_line_and_exit_2(run_dir: Path, capsys, args: list[str]
     assert main(["train", "--run", str(run_dir), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ray_trains_the_seeds_at_once(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    out = _cli("train", "--run", str(run), "--epochs", "2", "--recipe", "quick", "--seeds", "2",
+               "--runner", "ray", "--cpus-per-trial", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    from nas.search import open_store
+
+    rows = [r for r in open_store(run, read_only=True).records() if r["stage"] == "train"]
+    assert sorted(r["seed"] for r in rows) == [0, 1] and all(r["status"] == "complete" for r in rows)
+    for seed in (0, 1):  # each seed wrote its own final weights
+        assert list((run / "train").glob(f"*-s{seed}-quick-e2-train/model.safetensors"))
+    assert len(list((run / "trained").glob("*.safetensors"))) == 1

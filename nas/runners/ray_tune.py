@@ -34,7 +34,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,20 @@ def _ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def run_tasks(
+    fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], cpus: float, gpus: float, address: str | None
+) -> list[Any]:
+    """``fn(*call)`` for every call at once as Ray tasks (``cpus``/``gpus`` each), results in order.
+    What `nas-run train --runner ray` uses: several seeds or architectures, a GPU each."""
+    import ray
+
+    check_ray_address(address)
+    with _ray_session(address):
+        _check_resources(cpus, gpus)
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(fn)
+        return ray.get([remote.remote(*call) for call in calls])
 
 
 def _check_resources(cpus: float, gpus: float) -> None:

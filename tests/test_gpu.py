@@ -49,3 +49,33 @@ def test_compression_trials_fine_tune_on_the_gpu_they_are_given(tmp_path):
     table = run.table()
     assert len(table) == len(run.architectures) >= 1 and (table.status == "complete").all()
     assert (table.gpu == 1.0).all() and (table.params < table.base_params).all()
+
+
+@pytest.mark.parametrize("amp", ["auto", "fp16", "bf16", "off"])
+def test_recipes_train_on_the_gpu_with_mixed_precision_channels_last_and_loader_workers(amp):
+    """The standard recipe's GPU paths: autocast (fp16 with a grad scaler, or bf16), channels_last,
+    batches read by DataLoader workers into pinned memory and copied without blocking."""
+    from nas.data import load_dataset
+    from nas.recipes import get_recipe
+    from nas.trainer import Trainer
+
+    data = load_dataset("digits")
+    space = get_space("darts").tiny()
+    model = space.build(space.sample(np.random.default_rng(0)), data.input_shape, data.num_classes)
+    recipe = get_recipe("standard", amp=amp, loader_workers=2)
+    trainer = Trainer(model, data, recipe, 2, 0, torch.device("cuda"))
+    assert trainer.channels_last
+    val_acc = trainer.run()
+    assert val_acc > 0.5 and trainer.history[-1]["gpu_peak_mb"] > 0
+    assert next(model.parameters()).is_cuda
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        assert trainer.scaler.is_enabled()
+
+
+def test_nas_run_train_runs_on_the_gpu(tmp_path):
+    from nas.final_training import train_final
+
+    out = tmp_path / "run"
+    run_search(SearchConfig(space="nb201", dataset="digits", strategy="random", trials=2, epochs=1, out=str(out)))
+    [result] = train_final(out, epochs=2, recipe="standard")
+    assert result.metrics["gpu"] == 1.0 and result.metrics["test_acc"] > 0.3

@@ -82,3 +82,21 @@ def test_trial_records_its_recipe(tmp_path) -> None:
     trial = open_store(tmp_path / "run", read_only=True).study.get_trials()[0]
     assert Recipe.from_dict(trial.user_attrs["recipe"]) == get_recipe("standard")
     assert trial.user_attrs["metrics"]["images_per_s"] > 0 and trial.user_attrs["metrics"]["peak_rss_mb"] > 0
+
+
+def test_loader_workers_give_the_same_training_as_the_training_process() -> None:
+    """Batches read by DataLoader worker processes: same order, same augmentation, same weights."""
+    from nas.data import load_dataset
+    from nas.trainer import Trainer
+
+    data = load_dataset("digits")
+    space = get_space("nb201").tiny()
+    g = space.sample(np.random.default_rng(0))
+    states = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = space.build(g, data.input_shape, data.num_classes)
+        Trainer(model, data, get_recipe("standard", loader_workers=workers, batch_size=256), 1, 0,
+                torch.device("cpu")).run()
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

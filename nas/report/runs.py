@@ -166,7 +166,8 @@ def _derived(df: Any, name: str) -> Any:
         df["violation"] = 0.0
     df["violation"] = pd.to_numeric(df["violation"], errors="coerce").astype(float).fillna(0.0)
     df.insert(0, "run", name)
-    df["kind"] = np.where(df["stage"] == "compress", "compressed", "architecture")
+    # "final": `nas-run train`'s longer training of a chosen architecture, not a search candidate
+    df["kind"] = np.select([df["stage"] == "compress", df["stage"] == "train"], ["compressed", "final"], "architecture")
     df["policy_label"] = [policy_label(p) for p in df["policy"]]
     comp = df[(df["kind"] == "compressed") & (df["status"] == "complete")]
     base_bytes = comp.groupby("genotype_id")["base_file_bytes"].median().dropna().to_dict()
@@ -204,6 +205,7 @@ def _losses(df: Any, objectives: tuple[Objective, ...]) -> tuple[np.ndarray, np.
 
 def _mark_front(df: Any, objectives: tuple[Objective, ...]) -> None:
     arr, ok = _losses(df, objectives)
+    ok &= (df["kind"] != "final").to_numpy()  # the front is the search's (and its compressions')
     df["feasible"] = ok
     df["on_front"] = pareto_mask(arr, ok) if len(df) else np.zeros(0, dtype=bool)
 

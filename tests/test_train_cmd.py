@@ -71,6 +71,12 @@ def test_export_and_compress_use_the_final_weights(run_dir: Path, tmp_path: Path
     assert "final-trained model (nas-run train, 2 epochs" in out and "check:    passed" in out
     assert main(["compress", "--run", str(run), "--top-k", "1", "--int8", "--quiet"]) == 0
     assert "from its final-trained weights" in capsys.readouterr().out
+    import pandas as pd
+
+    assert main(["report", str(run), "--no-png"]) == 0
+    trials = pd.read_csv(run / "report" / "trials.csv")
+    final = trials[trials["kind"] == "final"]
+    assert len(final) == 1 and not final["on_front"].any()  # listed, but not a search candidate
 
 
 @pytest.mark.parametrize(

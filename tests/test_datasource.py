@@ -136,3 +136,21 @@ def test_memory_mapped_set_is_never_read_whole(tmp_path: Path) -> None:
     added_mb = float(out.stdout.strip().splitlines()[-1])
     # a float32 copy of the set would be 1.2 GB, a uint8 one 300 MB
     assert added_mb < 100, f"{added_mb:.0f} MB resident for a 300 MB set"
+
+
+@pytest.mark.slow
+def test_two_ray_workers_share_one_cache_entry(tmp_path: Path) -> None:
+    """The driver decodes the folder once; both Ray trials map that entry (nothing decoded again)."""
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    root, cache = _image_folder(tmp_path / "imgs", n_per_class=12), tmp_path / "cache"
+    load_dataset(root, cache_dir=cache)
+    [entry] = _entries(cache)
+    stamp = (entry / "manifest.json").stat().st_mtime_ns
+    cfg = SearchConfig(space="nb201", dataset=str(root), strategy="random", trials=2, epochs=1, runner="ray",
+                       max_concurrent=2, scheduler="none", cache_dir=str(cache), out=str(tmp_path / "run"))
+    df = run_search(cfg).store.dataframe()
+    assert (df.status == "complete").all() and len(df) == 2
+    assert _entries(cache) == [entry] and (entry / "manifest.json").stat().st_mtime_ns == stamp
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no decode started by a worker

@@ -215,17 +215,21 @@ def _num_outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def evaluate_accuracy(model: torch.nn.Module, x: Any, y: Any, batch: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode) on numpy arrays or tensors ``x``, ``y``."""
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``x``, ``y``: numpy arrays, tensors or a
+    data set's lazy `StandardizedArray` (read a batch at a time, never whole)."""
+    import numpy as np
     import torch
 
     device = next(iter(model.parameters()), torch.empty(0)).device
-    xt, yt = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
     model.eval()
     correct = 0
     with torch.inference_mode():
-        for i in range(0, len(xt), batch):
-            correct += int((model(xt[i : i + batch]).argmax(1) == yt[i : i + batch]).sum())
-    return correct / max(len(xt), 1)
+        for i in range(0, len(x), batch):
+            xb = x[i : i + batch]
+            xb = xb if isinstance(xb, torch.Tensor) else torch.as_tensor(np.asarray(xb))
+            yb = torch.as_tensor(y[i : i + batch]).to(device)
+            correct += int((model(xb.to(device)).argmax(1) == yb).sum())
+    return correct / max(len(x), 1)
 
 
 # -- masks ---------------------------------------------------------------------------------------

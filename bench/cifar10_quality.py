@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "results" / "cifar10_runs")
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--space", default="unireplk")
+    p.add_argument("--space-options", default="{}", help='JSON, e.g. \'{"kernel_choices": [3, 5, 7, 9, 11]}\'')
     p.add_argument("--search-trials", type=int, default=10)
     p.add_argument("--search-epochs", type=int, default=2)
     p.add_argument("--max-params", type=float, default=270e3, help="the search's constraint (ResNet-20: 0.27M)")
@@ -127,8 +128,16 @@ def main() -> None:
     run = args.work / f"search-{args.space}-{args.train_subset}-s{args.seed}"
     common = ["--cache-dir", str(cache)]
     rows: list[tuple[str, str]] = []
+    options = json.loads(args.space_options)
+    if options:  # space options go through a config file, as a user would give them
+        import yaml
+
+        (args.work / "space.yaml").write_text(yaml.safe_dump({"space_options": options}))
+        common_search = ["--config", str(args.work / "space.yaml")]
+    else:
+        common_search = []
     if not (run / "config.json").exists():
-        _, t = cli("search", "--space", args.space, "--full-size", "--dataset", str(folder), "--strategy", "surrogate",
+        _, t = cli("search", *common_search, "--space", args.space, "--full-size", "--dataset", str(folder), "--strategy", "surrogate",
                    "--trials", str(args.search_trials), "--epochs", str(args.search_epochs), "--constraint",
                    f"params<={args.max_params:g}", "--cpus-per-trial", str(args.threads), "--seed", str(args.seed),
                    "--out", str(run), "--quiet", *common)

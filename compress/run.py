@@ -25,8 +25,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nas.config import RUNNERS
 from nas.final_training import TRAINED_DIR
 from nas.objectives import Objective, losses, parse_objectives
@@ -291,8 +289,6 @@ def _top_candidates(store: RunStore, k: int) -> list[str]:
     """The ``k`` best finished architectures of the run: its feasible Pareto front first (best
     primary objective first), then, if the front holds fewer than ``k``, the next fronts of
     non-dominated sorting — `--top-k 3` compresses 3 candidates even when one dominates all."""
-    from nas.pareto import nondominated_rank
-
     records = store.records()
     recs = [r for r in records if r.get("stage") in ("search", None) and r["status"] == "complete"]
     if not recs:  # a joint run: its (architecture, policy) pairs, best pair of each architecture first
@@ -305,10 +301,8 @@ def _top_candidates(store: RunStore, k: int) -> list[str]:
     recs = [r for r in recs if not (r.get("violation") or 0) > 0]
     if not recs:
         raise ConfigError(f"the run has no completed trial that meets its constraints {[str(c) for c in store.constraints]}")
-    arr = np.array([losses(store.objectives, r["metrics"]) for r in recs], dtype=float)
-    rank = nondominated_rank(arr)
-    order = sorted(range(len(recs)), key=lambda i: (int(rank[i]), tuple(arr[i])))
-    return list(dict.fromkeys(recs[i]["genotype"] for i in order))[:k]  # a joint run may hold one twice
+    # a joint run may hold one architecture twice
+    return list(dict.fromkeys(r["genotype"] for r in store.ranked(recs)))[:k]
 
 
 def prepare_compress(config: CompressConfig | None = None, resume: str | Path | None = None) -> CompressRun:

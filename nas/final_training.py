@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .store import RunStore
     from .trainer import Trainer
 
-__all__ = ["TRAINED_DIR", "TrainResult", "best_architecture", "final_weights", "train_final"]
+__all__ = ["TRAINED_DIR", "TrainResult", "best_architecture", "fit_seed", "train_final"]
 
 TRAINED_DIR = "trained"  # DIR/trained/<genotype id>.safetensors: the final-trained weights
 CHECKPOINT_DIR = "train"  # DIR/train/<key>/checkpoint.safetensors while (and after) training
@@ -45,29 +45,16 @@ class TrainResult:
 
 
 def best_architecture(store: RunStore) -> dict[str, Any]:
-    """The run's best feasible finished search trial: non-dominated rank first, then the primary
-    objective (as `compress --run` orders its candidates)."""
-    import numpy as np
-
-    from .objectives import losses
-    from .pareto import nondominated_rank
-
-    recs = [
+    """The run's best feasible finished search trial (`RunStore.ranked`: as `compress --run`
+    orders its candidates)."""
+    done = [
         r for r in store.records()
-        if r.get("stage") in ("search", None) and r["status"] == "complete"
-        and losses(store.objectives, r["metrics"]) is not None and not (r.get("violation") or 0) > 0
+        if r.get("stage") in ("search", None) and r["status"] == "complete" and not (r.get("violation") or 0) > 0
     ]  # fmt: skip
-    if not recs:
+    ranked = store.ranked(done)
+    if not ranked:
         raise ConfigError("the run has no completed trial that meets its constraints to train")
-    arr = np.array([losses(store.objectives, r["metrics"]) for r in recs], dtype=float)
-    rank = nondominated_rank(arr)
-    return recs[min(range(len(recs)), key=lambda i: (int(rank[i]), tuple(arr[i])))]
-
-
-def final_weights(run_dir: str | os.PathLike[str], genotype_id: str) -> Path | None:
-    """The final-trained weights of an architecture of the run, if `nas-run train` made them."""
-    path = Path(run_dir) / TRAINED_DIR / f"{genotype_id}.safetensors"
-    return path if path.is_file() else None
+    return dict(ranked[0])
 
 
 def train_final(
@@ -212,9 +199,6 @@ def fit_seed(
 ) -> tuple[dict[str, float], list[dict[str, float]], int]:  # fmt: skip
     """Train one seed from its checkpoint (if any) to the end; runs in the driver or in a Ray task.
     Writes the checkpoint after every epoch and the final weights; (metrics, history, epochs resumed)."""
-    from .trainer import accuracy
-    from .training import save_weights
-
     g = evaluator.search_space().from_str(genotype)
     ckpt, final = Path(folder) / "checkpoint.safetensors", Path(folder) / "model.safetensors"
     trainer = evaluator.trainer(g, epochs, progress=progress)
@@ -230,19 +214,8 @@ def fit_seed(
             on_epoch(evaluator.seed, t.epoch, t.history[-1])
 
     trainer.run(after_epoch=after_epoch)
-    model = trainer.eval_model()
-    data = evaluator.data()  # the original splits: test accuracy on the real test set, once
-    metrics = {
-        "val_acc": trainer.history[-1]["val_acc"],
-        "test_acc": accuracy(model, data.x_test, data.y_test, 256, trainer.device),
-        "epochs": float(epochs),
-        "images_per_s": sum(h["images_per_s"] for h in trainer.history) / len(trainer.history),
-        "peak_rss_mb": max(h["peak_rss_mb"] for h in trainer.history),
-        "gpu": float(trainer.device.type == "cuda"),
-    }
-    model = model.cpu()
-    metrics.update(evaluator._costs(model, data.input_shape))
-    save_weights(model, final, drop_prefixes=("auxiliary_head.",))
+    # test accuracy on the run's real test split (``evaluator.data()``), measured once, here
+    metrics = evaluator.measure_trained(trainer, with_test=True, weights=final)
     return metrics, trainer.history, resumed
 
 

@@ -236,6 +236,18 @@ class RunStore:
         rows = [{**{k: v for k, v in r.items() if k != "metrics"}, **r["metrics"]} for r in self.records()]
         return pd.DataFrame(rows)
 
+    def ranked(self, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """``records`` with every objective measured, best first: non-dominated rank (fronts of
+        non-dominated sorting), then the objectives as losses, primary first."""
+        from .pareto import nondominated_rank
+
+        recs = [r for r in records if losses(self.objectives, r["metrics"]) is not None]
+        if not recs:
+            return []
+        arr = np.array([losses(self.objectives, r["metrics"]) for r in recs], dtype=float)
+        rank = nondominated_rank(arr)
+        return [recs[i] for i in sorted(range(len(recs)), key=lambda i: (int(rank[i]), tuple(arr[i])))]
+
     def pareto(self) -> Any:
         """Completed, feasible, non-dominated trials as a DataFrame (n objectives). Final-training
         trials (stage "train": a longer recipe, not a candidate of the search) are not on it."""

@@ -144,28 +144,33 @@ class TrainingEvaluator:
 
     def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
         trainer = self.trainer(genotype, budget)
-        val_acc = trainer.run(report)
+        trainer.run(report)
+        # the compression stage starts from these trained weights
+        return self.measure_trained(trainer, self.with_test, self.weights_path(genotype, budget))
+
+    def measure_trained(self, trainer: Trainer, with_test: bool, weights: Path | None) -> dict[str, float]:
+        """A finished `Trainer`'s metrics (accuracy, throughput, memory, costs); its evaluated
+        model's weights go to ``weights`` (training-only parts left out). Trials and `train` alike."""
         model, device, history = trainer.eval_model(), trainer.device, trainer.history
         data = self.data()
         # gpu: 1 when this trial trained on a CUDA device, so a run's records show that GPU
         # trials really used one (Ray hides the GPUs a trial was not given)
         metrics: dict[str, float] = {
-            "val_acc": val_acc,
-            "epochs": float(budget),
+            "val_acc": history[-1]["val_acc"] if history else 0.0,
+            "epochs": float(trainer.epochs),
             "gpu": float(device.type == "cuda"),
         }
         if history:  # throughput and memory of the training itself
             metrics["images_per_s"] = sum(h["images_per_s"] for h in history) / len(history)
             metrics["peak_rss_mb"] = max(h["peak_rss_mb"] for h in history)
-        if self.with_test:
+        if with_test:
             from .trainer import accuracy
 
             metrics["test_acc"] = accuracy(model, data.x_test, data.y_test, 256, device)
         model = model.cpu()
         metrics.update(self._costs(model, data.input_shape))
-        path = self.weights_path(genotype, budget)
-        if path is not None:  # the compression stage starts from these trained weights
-            save_weights(model, path, drop_prefixes=("auxiliary_head.",))
+        if weights is not None:
+            save_weights(model, weights, drop_prefixes=("auxiliary_head.",))
         return metrics
 
     def _costs(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:

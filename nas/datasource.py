@@ -74,7 +74,9 @@ class StandardizedArray:
         import numpy as np
 
         self.raw, self.index = raw, np.asarray(index, dtype=np.int64)
-        shape = (1, raw.shape[1]) + (1,) * (raw.ndim - 2)
+        # per channel (axis 1); one mean and std for all values of an array without a channel
+        # axis (a user's (N, L) fed as stored)
+        shape = (1, raw.shape[1]) + (1,) * (raw.ndim - 2) if np.size(mean) != 1 else (1,) * raw.ndim
         # one multiply-add per element: x * a + b == (x * scale - mean) / std
         self._a = (scale / np.asarray(std, dtype=np.float64)).reshape(shape).astype(np.float32)
         self._b = (-np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)).reshape(

@@ -122,7 +122,8 @@ def save(tmp_path: Path, **arrays) -> str:
     [
         ((12,), None, (1, 12)),  # (N, L)
         ((2, 12), None, (2, 12)),  # (N, C, L): second axis <= 4
-        ((9, 7), None, (1, 9, 7)),  # (N, H, W): second axis > 4
+        ((9, 9), None, (1, 9, 9)),  # (N, H, W): square (others are ambiguous: tests/test_data_layout.py)
+        ((9, 7), "NHW", (1, 9, 7)),
         ((3, 6, 5), None, (3, 6, 5)),  # (N, C, H, W)
         ((9, 7), "NCL", (9, 7)),  # layout overrides the guess
         ((6, 5, 3), "NHWC", (3, 6, 5)),  # channel-last images

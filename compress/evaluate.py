@@ -95,10 +95,14 @@ def deploy_policy(policy: Policy, mergeable: bool) -> Policy:
 
 
 @functools.lru_cache(maxsize=2)
-def _dataset(name: str, seed: int, standardize: bool, cache_dir: str | None = None) -> Dataset:
+def _dataset(
+    name: str, seed: int, standardize: bool, cache_dir: str | None = None,
+    layout: str | None = None, for_model: bool = False, num_classes: int | None = None,
+) -> Dataset:
     from nas.data import load_dataset
 
-    return load_dataset(name, seed=seed, standardize=standardize, cache_dir=cache_dir)
+    return load_dataset(name, seed=seed, standardize=standardize, cache_dir=cache_dir,
+                        layout=layout, for_model=for_model, num_classes=num_classes)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,10 @@ class CompressionEvaluator:
     # a user's own model
     model_spec: str | None = None
     model_weights: str | None = None
+    # its data: fed as stored unless a layout (`nas.data.LAYOUTS`) turns them channel-first; at
+    # least `num_classes` classes (the width of the model's output, probed by `prepare_compress`)
+    layout: str | None = None
+    num_classes: int | None = None
     # measuring
     calib_size: int = 256
     threads: int | None = 1
@@ -131,7 +139,8 @@ class CompressionEvaluator:
     device: str = "auto"
 
     def data(self) -> Dataset:
-        return _dataset(self.dataset, self.data_seed, self.standardize, self.cache_dir)
+        return _dataset(self.dataset, self.data_seed, self.standardize, self.cache_dir,
+                        layout=self.layout, for_model=self.model_spec is not None, num_classes=self.num_classes)
 
     # -- the uncompressed model ------------------------------------------------------------------
     def trainer(self) -> Any:

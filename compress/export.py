@@ -95,10 +95,13 @@ class _Run:
     calib_size: int
     joint: bool = False  # a joint architecture x compression run: its trials are compressed pairs
 
+    layout: str | None = None  # a --model run's --layout (else its data are fed as stored)
+
     def data(self) -> Dataset:
         from nas.data import load_dataset
 
-        return load_dataset(self.dataset, seed=self.data_seed, standardize=self.standardize)
+        return load_dataset(self.dataset, seed=self.data_seed, standardize=self.standardize,
+                            layout=self.layout, for_model=self.model_spec is not None)
 
 
 def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
@@ -125,7 +128,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
         store = RunStore(url, parse_objectives(comp.get("objectives") or ("val_acc",)), (),
                          study_name=d.resolve().name, read_only=True)
         return _Run(d, store, str(comp["dataset"]), int(comp.get("seed", 0)), bool(comp.get("standardize", False)),
-                    None, {}, str(comp["model"]), calib)
+                    None, {}, str(comp["model"]), calib, layout=comp.get("layout"))
     raise ConfigError(f"{str(d)!r} is not a run folder (no config.json or compress.json)")
 
 
@@ -404,7 +407,7 @@ def _metadata(run: _Run, ref: _Reference, data: Dataset) -> dict[str, Any]:
 
     rec, spec = ref.record, ref.spec
     pol = Policy.from_json(rec["policy"] or "")
-    layout = "NCL" if len(data.input_shape) == 2 else "NCHW"
+    layout = data.layout or None  # None: a --model run's data as stored, axes not given nor readable
     meta = spec.to_json()
     meta.update(
         producer=f"nas-run {md.version('nas-run')}",

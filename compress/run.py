@@ -74,6 +74,7 @@ class CompressConfig:
     weights: str | None = None  # state dict (.pt/.pth/.safetensors) for a builder
     dataset: str | None = None  # --model: required; --run: the run's own
     standardize: bool = False  # --model: feed data as stored unless asked
+    layout: str | None = None  # --model: the data's axes (nas.data.LAYOUTS): fed channel-first, not as stored
     out: str | None = None  # --model: the folder for results (a --run writes into the run)
     top_k: int = 3
     policies: tuple[str, ...] = ()  # canonical policy texts; empty: the built-in set
@@ -350,6 +351,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             seed=cfg.seed,
             model_spec=cfg.model,
             model_weights=cfg.weights,
+            layout=cfg.layout,
             calib_size=cfg.calib_size,
             threads=max(1, int(cfg.cpus_per_trial)),
         )
@@ -365,7 +367,12 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         from .user_model import check_input, load_user_model
 
         user = load_user_model(cfg.model, cfg.weights, data.input_shape, data.num_classes)
-        check_input(user.module, data)
+        width = check_input(user.module, data)
+        if data.label_kind == "classes" and width > data.num_classes:
+            # the model's head knows classes the labels do not show (a subset of its data): its
+            # width is the class count; probed again on --resume, so nothing needs keeping
+            evaluator = dataclasses.replace(evaluator, num_classes=width)
+            data = evaluator.data()
         target = user.module
         if user.kind == "torchscript" and (cfg.nni_config or any(needs_eager(p) for p in policies)):
             from .onnx_to_torch import to_eager

@@ -120,15 +120,22 @@ def require_eager(model: UserModel | torch.nn.Module | Any, pass_name: str) -> N
         )
 
 
-def check_input(module: torch.nn.Module, dataset: Dataset, batch: int = 8) -> None:
-    """Run one batch of ``dataset`` through ``module``: the output must be (N, num_classes)."""
+def check_input(module: torch.nn.Module, dataset: Dataset, batch: int = 8) -> int:
+    """Run one batch of ``dataset`` through ``module`` and check its output against the labels;
+    returns the output's width. Class labels need (N, K) with K >= num_classes (a head may know
+    classes the data do not show: the caller then counts K), rows of scores (N, num_classes),
+    regression targets (N,) or (N, 1)."""
     import torch
 
     x = torch.as_tensor(dataset.x_train[:batch])
     param = next(iter(module.parameters()), None)
     if param is not None:
         x = x.to(param.device)
-    expected = (len(x), int(dataset.num_classes))
+    kind = getattr(dataset, "label_kind", "classes")  # a hand-made Dataset-like object may lack it
+    n, k = len(x), int(dataset.num_classes)
+    expected = {"classes": f"({n}, K) with K >= {k} (batch, the {k} classes of {dataset.name})",
+                "multilabel": f"({n}, {k}) (batch, the {k} targets per sample of {dataset.name})",
+                "regression": f"({n},) or ({n}, 1) (batch, the regression target of {dataset.name})"}[kind]  # fmt: skip
     was_training = module.training
     module.eval()
     try:
@@ -144,13 +151,17 @@ def check_input(module: torch.nn.Module, dataset: Dataset, batch: int = 8) -> No
     if not isinstance(out, torch.Tensor):
         raise PolicyError(
             f"the model returns a {type(out).__name__} for a batch of shape {tuple(x.shape)}; "
-            f"a classifier returns one tensor of logits of shape {expected}"
+            f"expected one tensor of shape {expected}"
         )
-    if tuple(out.shape) != expected:
+    shape = tuple(out.shape)
+    fits = {"classes": len(shape) == 2 and shape[0] == n and shape[1] >= k,
+            "multilabel": shape == (n, k),
+            "regression": shape in ((n,), (n, 1))}[kind]  # fmt: skip
+    if not fits:
         raise PolicyError(
-            f"the model returns shape {tuple(out.shape)} for a batch of shape {tuple(x.shape)}; "
-            f"expected {expected} (batch, the {dataset.num_classes} classes of {dataset.name})"
+            f"the model returns shape {shape} for a batch of shape {tuple(x.shape)}; expected {expected}"
         )
+    return int(shape[1]) if len(shape) == 2 else 1
 
 
 # -- the spec ------------------------------------------------------------------------------------

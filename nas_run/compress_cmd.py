@@ -27,6 +27,8 @@ def add_compress_parser(sub: Any) -> None:
     src.add_argument("--weights", metavar="FILE", help="state dict for --model's builder (.pt/.pth/.safetensors)")
     src.add_argument("--dataset", help="--model: data set name, .npz file or image folder")
     src.add_argument("--standardize", action="store_true", help="--model: standardise the data (default: as stored)")
+    src.add_argument("--layout", choices=("NL", "NCL", "NLC", "NHW", "NCHW", "NHWC"),
+                     help="--model: the axes of the data's x; turns it channel-first (default: fed as stored)")
     src.add_argument("--out", metavar="DIR", help="--model: folder for the results and compressed models")
     pol = c.add_argument_group("policy (flags chain into one policy; default: the built-in set)")
     pol.add_argument("--prune", type=float, metavar="RATIO", help="structured channel pruning, e.g. 0.5")
@@ -84,7 +86,7 @@ def compress_command(args: argparse.Namespace) -> int:
 
     if args.resume:
         flags = ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config", "search", "budget",
-                 "policy_space", "constraint", "search_seed")
+                 "policy_space", "constraint", "search_seed", "layout")
         given = [k for k in flags if getattr(args, k) is not None]
         if given or args.int8:
             raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
@@ -95,7 +97,7 @@ def compress_command(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
                 "gpus_per_trial", "max_concurrent", "max_retries", "ray_address", "seed", "calib_size", "finetune_epochs",
-                "finetune_lr", "nni_config", "search", "budget", "policy_space", "search_seed"):
+                "finetune_lr", "nni_config", "search", "budget", "policy_space", "search_seed", "layout"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value

@@ -11,7 +11,13 @@ re-parameterised (merged) form: it is what ships, and it has fewer, plainer laye
 Every measurement happens in the runtime the model ships in: accuracy and latency of the
 float and int8 models in ONNX Runtime (batch 1, ``latency_threads`` threads), file size of the
 ONNX file. Every latency is timed interleaved run for run with a fixed reference model
-(`compress.latency_reference`), which gives ``onnx_latency_rel`` (it survives a loaded host). The compressed model and the records that rebuild it are kept under
+(`compress.latency_reference`), which gives ``onnx_latency_rel`` (it survives a loaded host). What
+"accuracy" means follows the run's task (`compress.tasks`, ``--loss`` / ``--metric`` of a user's
+model): ``val_acc``, ``test_acc``, ``base_val_acc`` and ``acc_drop`` keep their names and hold the
+task's metric, higher is better (``-mae`` for mae), and a metric other than accuracy is also
+recorded plainly as ``val_<metric>``, ``test_<metric>`` and ``base_val_<metric>``.
+
+The compressed model and the records that rebuild it are kept under
 ``artefacts_dir/<genotype id>+<policy id>/``.
 """
 
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from nas.data import Dataset
+
+    from .tasks import Task
 
 __all__ = ["BaseModel", "CompressionEvaluator", "check_policy", "needs_eager", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
 
@@ -137,6 +145,16 @@ class CompressionEvaluator:
     latency_threads: int = 1
     latency_repeats: int = 30
     device: str = "auto"
+    # what fine-tuning minimises and the metric measured (`compress.tasks`): a user's model may name
+    # others; a search run's models are classifiers (cross-entropy on logits, accuracy)
+    loss: str = "ce"
+    metric: str | None = None
+
+    def task(self) -> Task:
+        """The task of this run; a user's model's outputs are probed (they may be probabilities)."""
+        from .tasks import make_task
+
+        return make_task(self.loss, self.metric, outputs="auto" if self.model_spec else "logits")
 
     def data(self) -> Dataset:
         return _dataset(self.dataset, self.data_seed, self.standardize, self.cache_dir,
@@ -235,6 +253,7 @@ class CompressionEvaluator:
             device=device,
             teacher=base.module,
             threads=self.threads,
+            task=self.task(),
         )
 
     # -- the evaluation --------------------------------------------------------------------------
@@ -261,7 +280,12 @@ class CompressionEvaluator:
         return metrics
 
     def measure(self, base: BaseModel, out: Compressed) -> dict[str, float]:
-        """Accuracy, size and ORT latency of the compressed model against the base model."""
+        """The task's metric, size and ORT latency of the compressed model against the base model.
+
+        ``val_acc``, ``test_acc``, ``base_val_acc`` and ``acc_drop`` keep their names and hold the
+        task's metric oriented higher-is-better (``-mae`` for mae); a metric other than accuracy is
+        also recorded as it is, as ``val_<metric>``, ``test_<metric>``, ``base_val_<metric>``
+        (`compress.tasks`)."""
         from nas.cost import profile
 
         from .latency_reference import paired_latency_ms, reference_onnx
@@ -282,11 +306,19 @@ class CompressionEvaluator:
             warmup=5, repeats=self.latency_repeats,
         )
         (base_ms, base_ref_ms), (ms, ref_ms) = lat(base_bytes), lat(model_bytes)
-        val_acc = onnx_accuracy(model_bytes, data.x_val, data.y_val)
+        metric = self.task().metric
+        # accuracy keeps the batched count it always had; any other metric sees all outputs at once
+        score = functools.partial(onnx_accuracy, metric=None if metric.name == "accuracy" else metric)
+        plain = {
+            "val": score(model_bytes, data.x_val, data.y_val),
+            "test": score(model_bytes, data.x_test, data.y_test),
+            "base_val": score(base_bytes, data.x_val, data.y_val),
+        }
+        val_acc = metric.signed(plain["val"])
         m: dict[str, float] = {
             "val_acc": val_acc,
-            "test_acc": onnx_accuracy(model_bytes, data.x_test, data.y_test),
-            "base_val_acc": onnx_accuracy(base_bytes, data.x_val, data.y_val),
+            "test_acc": metric.signed(plain["test"]),
+            "base_val_acc": metric.signed(plain["base_val"]),
             "onnx_latency_ms": ms,
             "base_onnx_latency_ms": base_ms,
             "onnx_latency_rel": ms / ref_ms,
@@ -298,6 +330,8 @@ class CompressionEvaluator:
             "base_file_bytes": float(len(base_bytes)),
         }
         m["acc_drop"] = 100.0 * (m["base_val_acc"] - val_acc)  # in points
+        if metric.name != "accuracy":
+            m.update({f"{split}_{metric.name}": value for split, value in plain.items()})
         m["size_ratio"] = m["base_file_bytes"] / m["file_bytes"]
         # an int8 candidate's params/FLOPs are those of the float model it quantised
         stats_model = out.float_model if out.float_model is not None else base.deploy

@@ -100,6 +100,9 @@ class CompressConfig:
     policy_space_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"round_to": 8}
     # the strategy's seed, when it should differ from ``seed`` (which also splits --model data)
     search_seed: int | None = None
+    # --model: fine-tuning's loss and the metric measured (`compress.tasks`); None: the loss's default
+    loss: str = "ce"
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.model is None):
@@ -110,6 +113,13 @@ class CompressConfig:
             raise ConfigError("--weights goes with --model; a run's weights are in its folder")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries}")
+        if self.run is not None and (self.loss != "ce" or self.metric is not None):
+            # a run's compression trials share its study with the search's: val_acc must stay accuracy
+            raise ConfigError("--loss and --metric go with --model; a search run's models are classifiers "
+                              "trained with cross-entropy and compared by accuracy")
+        from .tasks import make_task
+
+        make_task(self.loss, self.metric)  # a bad name or module:function fails before anything runs
         if self.top_k < 1 or self.finetune_epochs < 0 or self.calib_size < 1 or self.finetune_lr <= 0:
             raise ConfigError(
                 f"top_k and calib_size must be >= 1, finetune_epochs >= 0 and finetune_lr > 0, got "
@@ -352,6 +362,8 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             model_spec=cfg.model,
             model_weights=cfg.weights,
             layout=cfg.layout,
+            loss=cfg.loss,
+            metric=cfg.metric,
             calib_size=cfg.calib_size,
             threads=max(1, int(cfg.cpus_per_trial)),
         )
@@ -373,6 +385,9 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             # width is the class count; probed again on --resume, so nothing needs keeping
             evaluator = dataclasses.replace(evaluator, num_classes=width)
             data = evaluator.data()
+        from .tasks import check_task
+
+        check_task(evaluator.task(), user.module, data)  # the loss and metric run on a batch, now
         target = user.module
         if user.kind == "torchscript" and (cfg.nni_config or any(needs_eager(p) for p in policies)):
             from .onnx_to_torch import to_eager

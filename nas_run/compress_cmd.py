@@ -30,6 +30,12 @@ def add_compress_parser(sub: Any) -> None:
     src.add_argument("--layout", choices=("NL", "NCL", "NLC", "NHW", "NCHW", "NHWC"),
                      help="--model: the axes of the data's x; turns it channel-first (default: fed as stored)")
     src.add_argument("--out", metavar="DIR", help="--model: folder for the results and compressed models")
+    src.add_argument("--loss", metavar="NAME",
+                     help="--model: fine-tuning loss: ce (default), bce (multi-label/sigmoid), mse, l1, "
+                     "or package.module:function")
+    src.add_argument("--metric", metavar="NAME",
+                     help="--model: what val_acc measures: accuracy, top5, within1, mae, mse, or "
+                     "package.module:function (default: accuracy, mae for mse/l1)")
     pol = c.add_argument_group("policy (flags chain into one policy; default: the built-in set)")
     pol.add_argument("--prune", type=float, metavar="RATIO", help="structured channel pruning, e.g. 0.5")
     pol.add_argument("--importance", default="l1", help="structured pruning criterion: l1, l2, taylor, bn_scale")
@@ -86,7 +92,7 @@ def compress_command(args: argparse.Namespace) -> int:
 
     if args.resume:
         flags = ("run", "model", "prune", "sparsity", "lowrank", "policy", "nni_config", "search", "budget",
-                 "policy_space", "constraint", "search_seed", "layout")
+                 "policy_space", "constraint", "search_seed", "layout", "loss", "metric")
         given = [k for k in flags if getattr(args, k) is not None]
         if given or args.int8:
             raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
@@ -97,7 +103,7 @@ def compress_command(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
                 "gpus_per_trial", "max_concurrent", "max_retries", "ray_address", "seed", "calib_size", "finetune_epochs",
-                "finetune_lr", "nni_config", "search", "budget", "policy_space", "search_seed", "layout"):
+                "finetune_lr", "nni_config", "search", "budget", "policy_space", "search_seed", "layout", "loss", "metric"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -163,6 +169,9 @@ class CompressProgress:
             )
             if "params" in m:
                 text += f" params={m['params']:.0f}"
+            # --metric other than accuracy: val_acc is its higher-is-better form; show the plain value too
+            for key in (k for k in m if k.startswith("val_") and f"base_{k}" in m and k != "val_acc"):
+                text += f" {key}={m[key]:.4g}"
         else:
             text = result.error
         print(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from search_spaces.errors import UnknownNameError
 
 from ..errors import PolicyError
+from ..tasks import Task, classification_task
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,7 +55,9 @@ class PassContext:
     ``data`` is the run's `nas.data.Dataset` (channel-first float32 arrays). The training split
     is cut, by ``seed``, into a calibration part (``calib_size`` samples: int8 ranges, GPFQ,
     Taylor importance) and the rest (fine-tuning), so calibration never sees validation data.
-    ``teacher`` is the uncompressed model, for knowledge distillation.
+    ``teacher`` is the uncompressed model, for knowledge distillation. ``task`` is the loss, its
+    distillation term and the metric (`compress.tasks`); the default is cross-entropy on logits,
+    what a search run's models are.
     """
 
     data: Dataset
@@ -63,6 +66,7 @@ class PassContext:
     device: str = "cpu"
     teacher: torch.nn.Module | None = None
     threads: int | None = None
+    task: Task = field(default_factory=classification_task)
     notes: list[str] = field(default_factory=list)  # honest remarks for the output ("no dense speed-up")
 
     def _split(self) -> tuple[np.ndarray, np.ndarray]:

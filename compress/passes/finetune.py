@@ -11,9 +11,15 @@ T^2 remark of section 2):
     loss = alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))
          + (1 - alpha) * CE(z_student, y)
 
-T^2 keeps the soft term's gradient scale independent of T. ``masks`` (parameter name -> 0/1
-tensor) are multiplied back after every optimizer step, so weights a pruning pass set to zero
-stay zero (AdamW's momentum and weight decay would otherwise revive them).
+T^2 keeps the soft term's gradient scale independent of T. That is the default task (``ctx.task``,
+cross-entropy on logits); a user's model may name another loss (``--loss bce|mse|l1|module:fn``),
+and then both terms are the task's (`compress.tasks.Task.loss` / ``kd_loss``). A task whose
+outputs are ``auto`` is resolved here on the model's outputs for the first training samples (the
+teacher's when distilling): probabilities are detected and said once in ``ctx.notes``.
+
+``masks`` (parameter name -> 0/1 tensor) are multiplied back after every optimizer step, so
+weights a pruning pass set to zero stay zero (AdamW's momentum and weight decay would otherwise
+revive them).
 
 The pass ``finetune`` wraps `train`. Its record says what happened (epochs, whether KD was on,
 the last epoch's loss, the SHA-1 of the resulting weights) but training is **not replayed**:
@@ -34,6 +40,8 @@ from .base import PassContext, check_settings, register_pass
 
 if TYPE_CHECKING:
     import torch
+
+    from ..tasks import Task
 
 __all__ = ["FinetunePass", "evaluate_accuracy", "state_dict_sha1", "train", "zero_masks"]
 
@@ -66,7 +74,6 @@ def train(
     device: same weights (on the CPU bit for bit). A non-finite loss raises FloatingPointError.
     """
     import torch
-    from torch import nn
 
     _check_hyper(epochs, lr, batch_size, temperature, alpha)
     _check_schedule(schedule)
@@ -86,6 +93,7 @@ def train(
         x_np, y_np = ctx.training()
         x = torch.as_tensor(x_np).to(device)
         y = torch.as_tensor(y_np).to(device)
+        task = _resolved_task(ctx, teacher if teacher is not None else model, x, device)
         soft = None
         if teacher is not None:
             soft = _teacher_logits(teacher, x, device, batch_size * 4)
@@ -105,7 +113,6 @@ def train(
         steps_per_epoch = max(1, math.ceil(n_used / batch_size))
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = _scheduler(opt, schedule, lr, epochs * steps_per_epoch)
-        ce = nn.CrossEntropyLoss()
         _apply_masks(applied, params)  # start from the pruned weights exactly
         mean_loss = float("nan")
         for epoch in range(1, epochs + 1):
@@ -116,10 +123,10 @@ def train(
             total, seen = 0.0, 0
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                logits = model(x[idx])
-                loss = ce(logits, y[idx])
+                outputs = model(x[idx])
+                loss = task.loss(outputs, y[idx])
                 if soft is not None:
-                    loss = (1.0 - alpha) * loss + alpha * _kd_term(logits, soft[idx], temperature)
+                    loss = (1.0 - alpha) * loss + alpha * task.kd_loss(outputs, soft[idx], temperature)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"fine-tuning loss became {loss.item()} at epoch {epoch}")
                 opt.zero_grad(set_to_none=True)
@@ -176,14 +183,25 @@ def _make_leaf_parameters(model: torch.nn.Module) -> None:
                 setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
 
 
-def _kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(p_teacher || p_student) at temperature T, averaged over the batch (Hinton 2015)."""
-    import torch.nn.functional as F
+def _resolved_task(ctx: PassContext, model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Task:
+    """``ctx.task`` with its kind of outputs known: probed on up to 256 training samples when it is
+    ``auto`` (a user's model), the note said once, and the resolved task kept in ``ctx``."""
+    if ctx.task.outputs != "auto":
+        return ctx.task
+    import torch
 
-    log_p_s = F.log_softmax(student / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher / temperature, dim=1)
-    # kl_div(input=log q, target=log p, log_target=True) = sum p (log p - log q)
-    return temperature**2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.no_grad():
+            probe = model(x[:256])
+    finally:
+        model.train(was_training)
+    task, note = ctx.task.resolve(probe)
+    if note and note not in ctx.notes:
+        ctx.notes.append(note)
+    ctx.task = task
+    return task
 
 
 def _teacher_logits(

@@ -58,7 +58,7 @@ import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -581,10 +581,20 @@ def _session(model: QuantizedOnnx | bytes, threads: int | None = 1) -> Any:
     return q.session(threads)
 
 
-def onnx_accuracy(model: QuantizedOnnx | bytes, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
-    """Top-1 accuracy of an ONNX model (first input, first output = logits) on ``(x, y)``."""
+def onnx_accuracy(
+    model: QuantizedOnnx | bytes,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch: int = 256,
+    metric: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> float:
+    """Top-1 accuracy of an ONNX model (first input, first output = logits) on ``(x, y)``; with a
+    ``metric`` (a `compress.tasks.Metric` or any ``fn(outputs, targets) -> float``), that metric
+    over all the outputs at once (a user's metric need not be a mean over batches)."""
     import numpy as np
 
+    if metric is not None:
+        return float(metric(onnx_logits(model, x, batch), np.asarray(y))) if len(x) else 0.0
     sess = _session(model)
     name = sess.get_inputs()[0].name
     correct = 0

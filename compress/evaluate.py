@@ -175,6 +175,7 @@ class CompressionEvaluator:
             batch_size=self.batch_size,
             lr=self.lr,
             cache_dir=self.cache_dir,
+            layout=self.layout,
             threads=self.threads,
             device=self.device,
             weights_dir=self.weights_dir,

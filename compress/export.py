@@ -120,7 +120,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
         space = get_space(cfg.space, **dict(cfg.space_options))
         space = space.tiny() if cfg.tiny else space
         return _Run(d, open_store(d, read_only=True), cfg.dataset, cfg.seed, True, cfg.space,
-                    dict(space.options), None, calib, cfg.joint)
+                    dict(space.options), None, calib, cfg.joint, layout=cfg.layout)
     if comp.get("model"):
         if not (d / "study.db").is_file():
             raise ConfigError(f"{str(d)!r} holds no study.db: nothing was compressed there yet")

@@ -291,6 +291,7 @@ def search_run_evaluator(
         lr=run_cfg.lr,
         batch_size=run_cfg.batch_size,
         cache_dir=run_cfg.cache_dir,
+        layout=run_cfg.layout,
         calib_size=calib_size,
         threads=max(1, int(cpus_per_trial)),
     )

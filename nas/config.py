@@ -49,6 +49,9 @@ class SearchConfig:
     batch_size: int | None = None
     lr: float | None = None
     cache_dir: str | None = None  # where image folders and .npz files are decoded (default $XDG_CACHE_HOME/nas-run)
+    # the axes of a user's x (nas.data.LAYOUTS) where the rule cannot read them and no .npz
+    # `layout` key says (an x.npy folder); a search turns it channel-first
+    layout: str | None = None
     # execution
     runner: str = "local"
     cpus_per_trial: float = 1.0

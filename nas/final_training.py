@@ -107,7 +107,7 @@ def train_final(
         evaluators = [
             TrainingEvaluator(
                 space=cfg.space, space_options=dict(space.options), dataset=cfg.dataset, data_seed=cfg.seed,
-                seed=seed, recipe=rec, cache_dir=cache_dir, device=device,
+                seed=seed, recipe=rec, cache_dir=cache_dir, device=device, layout=cfg.layout,
                 threads=threads if threads is not None else max(1, int(cfg.cpus_per_trial)),
             )  # fmt: skip
             for seed in seeds

@@ -232,6 +232,7 @@ def prepare_run(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         cache_dir=cfg.cache_dir,
+        layout=cfg.layout,
         threads=max(1, int(cfg.cpus_per_trial)),
         # test accuracy is measured for the final report only: it is not a valid objective or
         # constraint (TRAINING_METRICS), so no strategy ever selects on it

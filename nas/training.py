@@ -30,10 +30,10 @@ __all__ = ["TrainingEvaluator", "save_weights"]
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, seed: int, cache_dir: str | None = None) -> Dataset:
+def _dataset(name: str, seed: int, cache_dir: str | None = None, layout: str | None = None) -> Dataset:
     from .data import load_dataset
 
-    return load_dataset(name, seed=seed, cache_dir=cache_dir)
+    return load_dataset(name, seed=seed, cache_dir=cache_dir, layout=layout)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class TrainingEvaluator:
     lr: float | None = None
     weight_decay: float | None = None
     cache_dir: str | None = None  # where folders and .npz files are decoded (nas.datasource.cache_root)
+    layout: str | None = None  # the axes of a user's x (nas.data.LAYOUTS), if the data do not say
     device: str = "auto"  # "auto": the GPU a trial is given if any, else the CPU
     # torch threads for training; the runner gives each trial its CPUs. More threads than
     # cores (two trials x default threads on 2 cores) made small models ~10x slower here.
@@ -75,7 +76,7 @@ class TrainingEvaluator:
         return get_space(self.space, **dict(self.space_options))
 
     def data(self) -> Dataset:
-        return _dataset(self.dataset, self.data_seed, self.cache_dir)
+        return _dataset(self.dataset, self.data_seed, self.cache_dir, layout=self.layout)
 
     def training_recipe(self) -> Recipe:
         from .recipes import get_recipe

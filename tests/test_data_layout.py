@@ -182,3 +182,19 @@ def test_huge_label_refused_before_any_allocation(tmp_path: Path) -> None:
         with pytest.raises(DatasetError, match="label 2000000000 at index 17; class indices must be 0..K-1 with K"):
             load_dataset(data, seed=0, for_model=for_model)
         assert time.perf_counter() - t0 < 5  # no 16 GB bincount attempted
+
+
+def test_search_config_layout_reaches_the_trainer(tmp_path: Path) -> None:
+    # an x.npy folder has no `layout` key: a search's config gives it
+    from nas.config import SearchConfig
+    from nas.training import TrainingEvaluator
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.random.default_rng(0).standard_normal((90, 100, 6)).astype(np.float32))
+    np.save(folder / "y.npy", np.arange(90) % 3)
+    with pytest.raises(DatasetError, match="layout"):
+        TrainingEvaluator(space="unireplk", dataset=str(folder)).data()
+    cfg = SearchConfig(dataset=str(folder), layout="NLC")
+    ev = TrainingEvaluator(space="unireplk", dataset=cfg.dataset, layout=cfg.layout)
+    assert ev.data().input_shape == (6, 100)

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 CONFIG_FILE = "compress.json"
+# --model without --loss: the loss that fits the data's labels (`nas.data.Dataset.label_kind`)
+LOSS_FOR_LABELS = {"classes": "ce", "multilabel": "bce", "regression": "mse"}
 ARTEFACTS = "compressed"
 # what `CompressionEvaluator` reports: objectives of a --model run must be among these
 COMPRESS_METRICS = (
@@ -100,8 +102,10 @@ class CompressConfig:
     policy_space_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"round_to": 8}
     # the strategy's seed, when it should differ from ``seed`` (which also splits --model data)
     search_seed: int | None = None
-    # --model: fine-tuning's loss and the metric measured (`compress.tasks`); None: the loss's default
-    loss: str = "ce"
+    # --model: fine-tuning's loss and the metric measured (`compress.tasks`). loss None: from the
+    # data's labels (ce for classes, bce for multi-label rows, mse for regression), resolved and kept
+    # in compress.json by `prepare_compress`; metric None: the loss's default
+    loss: str | None = None
     metric: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,13 +117,13 @@ class CompressConfig:
             raise ConfigError("--weights goes with --model; a run's weights are in its folder")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries}")
-        if self.run is not None and (self.loss != "ce" or self.metric is not None):
+        if self.run is not None and (self.loss not in (None, "ce") or self.metric is not None):
             # a run's compression trials share its study with the search's: val_acc must stay accuracy
             raise ConfigError("--loss and --metric go with --model; a search run's models are classifiers "
                               "trained with cross-entropy and compared by accuracy")
         from .tasks import make_task
 
-        make_task(self.loss, self.metric)  # a bad name or module:function fails before anything runs
+        make_task(self.loss or "ce", self.metric)  # a bad name or module:function fails before anything runs
         if self.top_k < 1 or self.finetune_epochs < 0 or self.calib_size < 1 or self.finetune_lr <= 0:
             raise ConfigError(
                 f"top_k and calib_size must be >= 1, finetune_epochs >= 0 and finetune_lr > 0, got "
@@ -363,7 +367,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
             model_spec=cfg.model,
             model_weights=cfg.weights,
             layout=cfg.layout,
-            loss=cfg.loss,
+            loss=cfg.loss or "ce",
             metric=cfg.metric,
             calib_size=cfg.calib_size,
             threads=max(1, int(cfg.cpus_per_trial)),
@@ -375,6 +379,12 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         parse = Genotype.from_str
 
     data = evaluator.data()  # a bad data set fails now
+    if cfg.model is not None and cfg.loss is None:
+        kind = getattr(data, "label_kind", "classes")
+        loss = LOSS_FOR_LABELS.get(kind, "ce")
+        if loss != "ce":
+            print(f"fine-tuning loss: {loss} (the labels of {data.name} are {kind} targets); --loss chooses another")
+        cfg, evaluator = cfg.replace(loss=loss), dataclasses.replace(evaluator, loss=loss)
     # pre-flight on the real model: layer names, data shape, TorchScript limits
     if cfg.model is not None:
         from .user_model import check_input, load_user_model

@@ -31,8 +31,8 @@ def add_compress_parser(sub: Any) -> None:
                      help="--model: the axes of the data's x; turns it channel-first (default: fed as stored)")
     src.add_argument("--out", metavar="DIR", help="--model: folder for the results and compressed models")
     src.add_argument("--loss", metavar="NAME",
-                     help="--model: fine-tuning loss: ce (default), bce (multi-label/sigmoid), mse, l1, "
-                     "or package.module:function")
+                     help="--model: fine-tuning loss: ce, bce (multi-label/sigmoid), mse, l1, or "
+                     "package.module:function (default: from the labels: ce, bce for (N, K) rows, mse for floats)")
     src.add_argument("--metric", metavar="NAME",
                      help="--model: what val_acc measures: accuracy, top5, within1, mae, mse, or "
                      "package.module:function (default: accuracy, mae for mse/l1)")

@@ -261,3 +261,47 @@ def test_compress_a_sigmoid_model_with_bce_and_within1(tmp_path, capsys) -> None
     (kept,) = (out / "compressed").iterdir()
     notes = json.loads((kept / "policy.json").read_text())["notes"]
     assert any("BCE on them as they are" in n for n in notes)
+
+
+# -- float labels through the CLI (nas.data: (N, K) rows are multi-label, non-integer floats regression)
+def _npz(path: Path, kind: str, n: int = 1500) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 5))
+    y = (x @ w > 0).astype(np.float32) if kind == "multilabel" else (x @ w[:, 0] + 0.1).astype(np.float32)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_multilabel_rows_default_to_bce_with_a_user_metric(tmp_path, capsys) -> None:
+    out = tmp_path / "ml"
+    args = ["compress", "--model", f"{USER}:sigmoid_mlp", "--dataset", str(_npz(tmp_path / "ml.npz", "multilabel")),
+            "--out", str(out), "--prune", "0.25", "--finetune-epochs", "5", "--finetune-lr", "1e-2", "--metric", f"{USER}:hamming", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "fine-tuning loss: bce" in capsys.readouterr().out
+    assert json.loads((out / "compress.json").read_text())["loss"] == "bce"  # resolved, kept for --resume
+    row = pd.read_csv(out / "compress.csv").iloc[0]
+    # an untrained model is near 0.5 per target; fine-tuning with bce on the rows learns them
+    assert row.status == "complete" and row.val_acc == row.val_hamming > row.base_val_hamming + 0.2
+
+
+def test_regression_targets_default_to_mse_measured_by_mae(tmp_path, capsys) -> None:
+    out = tmp_path / "reg"
+    args = ["compress", "--model", f"{USER}:regression_mlp", "--dataset", str(_npz(tmp_path / "reg.npz", "regression")),
+            "--out", str(out), "--prune", "0.25", "--kd", "--finetune-epochs", "3", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    row = pd.read_csv(out / "compress.csv").iloc[0]
+    assert row.status == "complete" and row.val_mae > 0 and row.val_acc == -row.val_mae
+    assert row.acc_drop == pytest.approx(100 * (row.val_mae - row.base_val_mae))
+
+
+def test_taylor_importance_takes_the_task_loss_on_multilabel_rows() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    y = (x @ rng.standard_normal((16, 5)) > 0).astype(np.float32)
+    data = SimpleNamespace(name="rows", x_train=x, y_train=y, input_shape=(16,), num_classes=5)
+    ctx = _ctx(data, "bce")
+    model = _user().sigmoid_mlp((16,), 5)
+    pruned = Policy.of(("structured", {"ratio": 0.25, "importance": "taylor"})).apply(model, ctx).model
+    assert pruned[0].out_features < model[0].out_features
+    assert ctx.task.outputs == "sigmoid" and any("sigmoid" in n for n in ctx.notes)  # probed, said once

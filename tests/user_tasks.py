@@ -55,3 +55,19 @@ def error_rate(outputs: np.ndarray, targets: np.ndarray) -> float:
 
 
 error_rate.higher_is_better = False  # type: ignore[attr-defined]
+
+
+def sigmoid_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multi-label: one sigmoid per target."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(input_shape[0], 32), nn.ReLU(), nn.Linear(32, num_classes), nn.Sigmoid())
+
+
+def regression_mlp(input_shape: tuple[int, ...]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(input_shape[0], 32), nn.ReLU(), nn.Linear(32, 1))
+
+
+def hamming(outputs: np.ndarray, targets: np.ndarray) -> float:
+    """Share of the (sample, target) pairs a 0.5 threshold gets right: multi-label accuracy."""
+    return float(((outputs > 0.5) == (targets > 0.5)).mean())

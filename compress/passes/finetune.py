@@ -97,11 +97,11 @@ def train(
         soft = None
         if teacher is not None:
             soft = _teacher_logits(teacher, x, device, batch_size * 4)
-            k = _num_outputs(model, x[:2])
-            if tuple(soft.shape[1:]) != (k,):
+            shape = _output_shape(model, x[:2])  # (K,), or () for a regression model's (N,) output
+            if tuple(soft.shape[1:]) != shape:
                 raise PolicyError(
                     f"finetune: the teacher gives outputs of shape {tuple(soft.shape[1:])} per sample, "
-                    f"the model {k}; distillation needs the same classes"
+                    f"the model {shape}; distillation needs the same classes"
                 )
 
         torch.manual_seed(seed)
@@ -221,7 +221,7 @@ def _teacher_logits(
     return out.detach().clone()  # inference tensors cannot join autograd graphs later
 
 
-def _num_outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
+def _output_shape(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, ...]:
     import torch
 
     was_training = model.training
@@ -229,7 +229,7 @@ def _num_outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad():
         out = model(x)
     model.train(was_training)
-    return int(out.shape[1])
+    return tuple(int(d) for d in out.shape[1:])
 
 
 def evaluate_accuracy(model: torch.nn.Module, x: Any, y: Any, batch: int = 256) -> float:

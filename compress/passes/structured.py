@@ -408,8 +408,9 @@ def _classifiers(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
 
 
 def _taylor_gradients(model: torch.nn.Module, ctx: PassContext) -> None:
-    """dL/dw of the cross-entropy on the calibration split, accumulated over batches (eval mode,
-    so BN statistics are not touched); zeros for parameters the loss does not reach."""
+    """dL/dw of the run's loss (``ctx.task``: cross-entropy unless a user's model names another)
+    on the calibration split, accumulated over batches (eval mode, so BN statistics are not
+    touched); zeros for parameters the loss does not reach."""
     import torch
     import torch.nn.functional as F
 
@@ -419,8 +420,18 @@ def _taylor_gradients(model: torch.nn.Module, ctx: PassContext) -> None:
     with _eval_mode(model):
         for i in range(0, len(ys), _TAYLOR_BATCH):
             xb = torch.as_tensor(xs[i:i + _TAYLOR_BATCH], dtype=torch.float32, device=device)
-            yb = torch.as_tensor(ys[i:i + _TAYLOR_BATCH], dtype=torch.long, device=device)
-            (F.cross_entropy(model(xb), yb, reduction="sum") / len(ys)).backward()
+            out = model(xb)
+            if ctx.task.outputs == "auto":  # a user's model: its outputs may be probabilities
+                ctx.task, note = ctx.task.resolve(out.detach())
+                if note and note not in ctx.notes:
+                    ctx.notes.append(note)
+            if ctx.task.name == "ce" and ctx.task.outputs == "logits":  # the sum it always was
+                yb = torch.as_tensor(ys[i:i + _TAYLOR_BATCH], dtype=torch.long, device=device)
+                loss = F.cross_entropy(out, yb, reduction="sum") / len(ys)
+            else:  # the task's mean loss, weighted by the batch's share of the split
+                yb = torch.as_tensor(ys[i:i + _TAYLOR_BATCH], device=device)
+                loss = ctx.task.loss(out, yb) * (len(yb) / len(ys))
+            loss.backward()
     for p in model.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -104,12 +104,12 @@ def deploy_policy(policy: Policy, mergeable: bool) -> Policy:
 
 @functools.lru_cache(maxsize=2)
 def _dataset(
-    name: str, seed: int, standardize: bool, cache_dir: str | None = None,
+    name: str, seed: int, standardize: bool, cache_dir: str | None = None, val_fraction: float = 0.2,
     layout: str | None = None, for_model: bool = False, num_classes: int | None = None,
 ) -> Dataset:
     from nas.data import load_dataset
 
-    return load_dataset(name, seed=seed, standardize=standardize, cache_dir=cache_dir,
+    return load_dataset(name, seed=seed, standardize=standardize, cache_dir=cache_dir, val_fraction=val_fraction,
                         layout=layout, for_model=for_model, num_classes=num_classes)
 
 
@@ -118,6 +118,7 @@ class CompressionEvaluator:
     dataset: str
     artefacts_dir: str
     data_seed: int = 0
+    val_fraction: float = 0.2  # a search run's validation share (its config's): the same split
     standardize: bool = True  # a search run's data are standardised; a user's model gets them as stored
     seed: int = 0
     # a search run's architecture (space options as sorted items: the evaluator stays hashable)
@@ -157,8 +158,8 @@ class CompressionEvaluator:
         return make_task(self.loss, self.metric, outputs="auto" if self.model_spec else "logits")
 
     def data(self) -> Dataset:
-        return _dataset(self.dataset, self.data_seed, self.standardize, self.cache_dir,
-                        layout=self.layout, for_model=self.model_spec is not None, num_classes=self.num_classes)
+        return _dataset(self.dataset, self.data_seed, self.standardize, self.cache_dir, self.val_fraction,
+                        self.layout, self.model_spec is not None, self.num_classes)
 
     # -- the uncompressed model ------------------------------------------------------------------
     def trainer(self) -> Any:
@@ -170,6 +171,7 @@ class CompressionEvaluator:
             space_options=dict(self.space_options),
             dataset=self.dataset,
             data_seed=self.data_seed,
+            val_fraction=self.val_fraction,
             seed=self.seed,
             recipe=json.loads(self.recipe) if self.recipe.startswith("{") else self.recipe,
             batch_size=self.batch_size,

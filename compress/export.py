@@ -94,14 +94,14 @@ class _Run:
     model_spec: str | None  # a --model run's builder or TorchScript file
     calib_size: int
     joint: bool = False  # a joint architecture x compression run: its trials are compressed pairs
-
+    val_fraction: float = 0.2  # a search run's validation share (its config's): the same split
     layout: str | None = None  # a --model run's --layout (else its data are fed as stored)
 
     def data(self) -> Dataset:
         from nas.data import load_dataset
 
         return load_dataset(self.dataset, seed=self.data_seed, standardize=self.standardize,
-                            layout=self.layout, for_model=self.model_spec is not None)
+                            val_fraction=self.val_fraction, layout=self.layout, for_model=self.model_spec is not None)
 
 
 def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
@@ -120,7 +120,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
         space = get_space(cfg.space, **dict(cfg.space_options))
         space = space.tiny() if cfg.tiny else space
         return _Run(d, open_store(d, read_only=True), cfg.dataset, cfg.seed, True, cfg.space,
-                    dict(space.options), None, calib, cfg.joint, layout=cfg.layout)
+                    dict(space.options), None, calib, cfg.joint, cfg.val_fraction, layout=cfg.layout)
     if comp.get("model"):
         if not (d / "study.db").is_file():
             raise ConfigError(f"{str(d)!r} holds no study.db: nothing was compressed there yet")
@@ -138,6 +138,7 @@ def _label(policy: str) -> str:
 
 def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
     from nas.objectives import losses
+    from nas.store import tie_break
 
     records = run.store.records()
     by_number = {r["number"]: r for r in records}
@@ -161,7 +162,9 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
             which = f" matching --policy {policy!r}" if stage == "compress" and policy is not None else ""
             raise ConfigError(f"the run {str(run.dir)!r} has no completed {stage} trial{which} to export")
         # feasible first, then the primary objective (as a loss: smaller is better)
-        done.sort(key=lambda r: ((r.get("violation") or 0) > 0, losses(run.store.objectives, r["metrics"])[0]))
+        # (exact ties: the lower validation loss, `nas.store.tie_break`)
+        done.sort(key=lambda r: ((r.get("violation") or 0) > 0, losses(run.store.objectives, r["metrics"])[0],
+                                 tie_break(r["metrics"])))
         rec = done[0]
     if policy is not None:
         if rec["stage"] == "compress":
@@ -175,8 +178,11 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
 
 def _final_trained(run: _Run, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The run's best final-trained model (stage train, best validation accuracy), if any."""
+    from nas.store import tie_break
+
     done = [r for r in records if r["stage"] == "train" and r["status"] == "complete"]
-    return max(done, key=lambda r: (r["metrics"].get("val_acc", 0.0), r["number"])) if done else None
+    # equal accuracy: the lower validation loss (`nas.store.tie_break`), then the latest
+    return max(done, key=lambda r: (r["metrics"].get("val_acc", 0.0), -tie_break(r["metrics"]), r["number"])) if done else None
 
 
 def _policy_matches(text: str, wanted: str) -> bool:

@@ -284,6 +284,7 @@ def search_run_evaluator(
         dataset=run_cfg.dataset,
         artefacts_dir=str((out / ARTEFACTS).resolve()),
         data_seed=run_cfg.seed,
+        val_fraction=run_cfg.val_fraction,
         standardize=True,
         seed=run_cfg.seed,
         space=run_cfg.space,

@@ -48,6 +48,11 @@ class SearchConfig:
     recipe: str | Mapping[str, Any] = "quick"
     batch_size: int | None = None
     lr: float | None = None
+    # small data (#22): the share of the labelled pool held out for validation, and the folds each
+    # trial is cross-validated on (None: 5 below 1,000 train+val samples, else 1; resolved and
+    # written to config.json when the run is made, so a resume and later verbs use the same)
+    val_fraction: float = 0.2
+    cv: int | None = None
     cache_dir: str | None = None  # where image folders and .npz files are decoded (default $XDG_CACHE_HOME/nas-run)
     # the axes of a user's x (nas.data.LAYOUTS) where the rule cannot read them and no .npz
     # `layout` key says (an x.npy folder); a search turns it channel-first
@@ -72,6 +77,11 @@ class SearchConfig:
         _positive("epochs", self.epochs)
         if self.batch_size is not None:
             _positive("batch_size", self.batch_size)
+        if self.cv is not None:
+            _positive("cv", self.cv)
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
+            raise ConfigError(f"val_fraction must be a number strictly between 0 and 1, got {v!r}")
         _positive("max_concurrent", self.max_concurrent)
         _positive("grace_period", self.grace_period)
         if type(self.max_retries) is not int or self.max_retries < 0:  # bool is an int, not a count
@@ -131,8 +141,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
         raise ConfigError(f"recipe in {source} must be a name (quick, standard, darts) or a table, got {value!r}")
-    if key == "batch_size" and value is not None:
-        _positive("batch_size", value)
+    if key in ("batch_size", "cv") and value is not None:
+        _positive(key, value)
         return value
     if key == "lr" and value is not None:
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -107,6 +107,7 @@ def train_final(
         evaluators = [
             TrainingEvaluator(
                 space=cfg.space, space_options=dict(space.options), dataset=cfg.dataset, data_seed=cfg.seed,
+                val_fraction=cfg.val_fraction,
                 seed=seed, recipe=rec, cache_dir=cache_dir, device=device, layout=cfg.layout,
                 threads=threads if threads is not None else max(1, int(cfg.cpus_per_trial)),
             )  # fmt: skip
@@ -129,7 +130,10 @@ def train_final(
                 TrialResult("complete", metrics, tuple(history), duration_s=time.perf_counter() - t0),
             )
             results.append(TrainResult(number, g.to_str(), ev.seed, metrics, folder / "model.safetensors", resumed))
-        best = max(results, key=lambda r: r.metrics.get("val_acc", 0.0))
+        from .store import tie_break
+
+        # equal accuracy: the lower validation loss
+        best = max(results, key=lambda r: (r.metrics.get("val_acc", 0.0), -tie_break(r.metrics)))
         target = out / TRAINED_DIR / f"{g.id}.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")

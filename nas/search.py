@@ -98,6 +98,7 @@ class SearchRun:
     lock: Any = None  # the open lock file: one driver per run folder
     created: bool = False  # this call made the folder (not a resume, not a pre-made --out)
     parse: Callable[[str], Any] | None = None  # row genotype text -> genotype on Ray workers
+    notes: tuple[str, ...] = ()  # what the user should know before it runs (small-data settings)
 
     def write_tables(self) -> tuple[Path, Path]:
         return write_tables(self.out, self.store)
@@ -180,7 +181,10 @@ def read_config(run_dir: str | Path) -> SearchConfig:
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder (no config.json)")
-    cfg = SearchConfig.from_mapping(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    saved = json.loads(cfg_path.read_text())
+    if isinstance(saved, dict):
+        saved.setdefault("cv", 1)  # runs made before cross-validation existed validated on one split
+    cfg = SearchConfig.from_mapping(saved, source=str(cfg_path))
     return _old_darts_rules(cfg, Path(run_dir))
 
 
@@ -227,6 +231,7 @@ def prepare_run(
         space_options=dict(space.options),
         dataset=cfg.dataset,
         data_seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         recipe=cfg.recipe,
         batch_size=cfg.batch_size,
@@ -248,6 +253,7 @@ def prepare_run(
         evaluator = plan.evaluator(cfg, out, architectures)
         rows, parse = plan.rows(space), plan.parse(cfg, architectures)
     evaluator.data()  # a bad dataset name or file fails now, before any folder is written
+    cfg, evaluator, notes = _small_data(cfg, evaluator, plan is None)
     if cfg.runner == "ray":  # so does a cluster address nothing answers at
         from .runners.ray_tune import check_ray_address
 
@@ -293,7 +299,47 @@ def prepare_run(
         rows=rows,
         record=evaluator.record() if hasattr(evaluator, "record") else None,
     )
-    return SearchRun(out, cfg, store, controller, evaluator, space, lock, created, parse)
+    return SearchRun(out, cfg, store, controller, evaluator, space, lock, created, parse, notes)
+
+
+def _small_data(cfg: SearchConfig, evaluator: Any, architectures: bool) -> tuple[SearchConfig, Any, tuple[str, ...]]:
+    """Resolve the run's cross-validation folds (written to config.json as a number) and say
+    what small data changes: the batch size training really uses, and the folds. ``architectures``:
+    an architecture search (a joint run measures compressed pairs on the validation split)."""
+    import dataclasses
+
+    from .crossval import CV_THRESHOLD, check_cv, default_cv
+    from .trainer import MIN_BATCH, MIN_STEPS, capped_batch_size
+
+    data = evaluator.data()
+    pool = len(data.y_train) + len(data.y_val)
+    notes = []
+    if not architectures:
+        if cfg.cv is not None and cfg.cv > 1:
+            raise ConfigError("cv applies to architecture searches; a joint run measures compressed pairs: use cv = 1")
+        cv = 1
+    elif cfg.cv is None:
+        cv = default_cv(data)
+        if cv > 1:
+            notes.append(
+                f"cross-validation: {cv} folds ({pool} train+val samples, under {CV_THRESHOLD:,}): each trial's "
+                f"val_acc is the mean of {cv} trainings; --cv 1 turns it off"
+            )
+    else:
+        cv = cfg.cv
+        check_cv(data, cv)
+    cfg = cfg.replace(cv=cv)
+    if hasattr(evaluator, "cv"):
+        evaluator = dataclasses.replace(evaluator, cv=cv)
+    # said for the training split (the kept model's; other folds train on a few more or fewer)
+    n_train = len(data.y_train)
+    asked = evaluator.training_recipe().batch_size if hasattr(evaluator, "training_recipe") else None
+    if asked is not None and (batch := capped_batch_size(asked, n_train)) < asked:
+        notes.append(
+            f"batch size {asked} -> {batch}: {n_train} training samples, {-(-n_train // batch)} steps per epoch "
+            f"(the batch is cut for at least {MIN_STEPS} steps per epoch, down to {MIN_BATCH} samples)"
+        )
+    return cfg, evaluator, tuple(notes)
 
 
 def _old_darts_rules(cfg: SearchConfig, out: Path) -> SearchConfig:
@@ -324,9 +370,15 @@ def run_search(
     resume: str | Path | None = None,
     on_result: Callable[[Candidate, TrialResult], None] | None = None,
     plan: RunPlan | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> SearchRun:
+    """Make (or resume) the run and evaluate its trials; ``on_note(line)`` hears what small data
+    changed (batch size, cross-validation) before the first trial."""
     run = prepare_run(config, resume, plan)
     cfg = run.config
+    for note in run.notes:
+        if on_note is not None:
+            on_note(note)
     try:
         if cfg.runner == "ray":
             from .runners.ray_tune import run_ray

@@ -25,7 +25,7 @@ from .objectives import Constraint, Objective, excess, losses
 from .pareto import pareto_mask
 from .trial import Candidate, TrialResult
 
-__all__ = ["RunStore", "package_versions"]
+__all__ = ["RunStore", "package_versions", "tie_break"]
 
 _PACKAGES = ("nas-run", "torch", "optuna", "ray", "xgboost-cpu", "xgboost", "numpy", "pandas", "onnxruntime")
 
@@ -38,6 +38,17 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def tie_break(metrics: Mapping[str, Any]) -> float:
+    """What orders trials whose objectives tie exactly (equal val_acc on a small validation split
+    is common): the lower validation loss first; trials without one (older runs) after."""
+    value = metrics.get("val_loss")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
 
 
 class RunStore:
@@ -238,7 +249,8 @@ class RunStore:
 
     def ranked(self, records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """``records`` with every objective measured, best first: non-dominated rank (fronts of
-        non-dominated sorting), then the objectives as losses, primary first."""
+        non-dominated sorting), then the objectives as losses, primary first, then `tie_break`
+        (exact ties: lower validation loss first), then trial number."""
         from .pareto import nondominated_rank
 
         recs = [r for r in records if losses(self.objectives, r["metrics"]) is not None]
@@ -246,7 +258,13 @@ class RunStore:
             return []
         arr = np.array([losses(self.objectives, r["metrics"]) for r in recs], dtype=float)
         rank = nondominated_rank(arr)
-        return [recs[i] for i in sorted(range(len(recs)), key=lambda i: (int(rank[i]), tuple(arr[i])))]
+        return [
+            recs[i]
+            for i in sorted(
+                range(len(recs)),
+                key=lambda i: (int(rank[i]), tuple(arr[i]), tie_break(recs[i]["metrics"]), recs[i].get("number", 0)),
+            )
+        ]
 
     def pareto(self) -> Any:
         """Completed, feasible, non-dominated trials as a DataFrame (n objectives). Final-training
@@ -265,4 +283,7 @@ class RunStore:
         mask = pareto_mask(np.array(arr, dtype=float).reshape(len(arr), m), np.array(feasible))
         front = done[mask]
         first = self.objectives[0]
-        return front.sort_values(first.metric, ascending=first.direction == "min").reset_index(drop=True)
+        # equal primary values: the lower validation loss first (`tie_break`), as `ranked` orders them
+        front = front.assign(_tie=[tie_break(r) for r in front.to_dict("records")])
+        front = front.sort_values([first.metric, "_tie"], ascending=[first.direction == "min", True], kind="stable")
+        return front.drop(columns="_tie").reset_index(drop=True)

@@ -30,10 +30,12 @@ __all__ = ["TrainingEvaluator", "save_weights"]
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, seed: int, cache_dir: str | None = None, layout: str | None = None) -> Dataset:
+def _dataset(
+    name: str, seed: int, cache_dir: str | None = None, val_fraction: float = 0.2, layout: str | None = None
+) -> Dataset:
     from .data import load_dataset
 
-    return load_dataset(name, seed=seed, cache_dir=cache_dir, layout=layout)
+    return load_dataset(name, seed=seed, cache_dir=cache_dir, val_fraction=val_fraction, layout=layout)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,10 @@ class TrainingEvaluator:
     space_options: Mapping[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
     data_seed: int = 0
+    val_fraction: float = 0.2  # of the labelled pool, held out for validation (the run's split)
     seed: int = 0
+    # > 1: each trial trains on that many folds of train+val and reports their mean (nas.crossval)
+    cv: int = 1
     # how candidates train: a recipe name (quick, standard, darts) or a table ({"base": ..., ...});
     # batch_size / lr / weight_decay, when given, override the recipe's
     recipe: str | Mapping[str, Any] = "quick"
@@ -67,6 +72,8 @@ class TrainingEvaluator:
     def __post_init__(self) -> None:
         if (self.batch_size is not None and self.batch_size < 1) or (self.lr is not None and self.lr <= 0):
             raise ConfigError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size}, {self.lr}")
+        if type(self.cv) is not int or self.cv < 1:
+            raise ConfigError(f"cv must be an integer >= 1 (1: no cross-validation), got {self.cv!r}")
         self.training_recipe()  # a bad recipe fails here, in the driver
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
@@ -76,7 +83,7 @@ class TrainingEvaluator:
         return get_space(self.space, **dict(self.space_options))
 
     def data(self) -> Dataset:
-        return _dataset(self.dataset, self.data_seed, self.cache_dir, layout=self.layout)
+        return _dataset(self.dataset, self.data_seed, self.cache_dir, self.val_fraction, layout=self.layout)
 
     def training_recipe(self) -> Recipe:
         from .recipes import get_recipe
@@ -119,15 +126,18 @@ class TrainingEvaluator:
         val_acc = trainer.run(report)
         return trainer.eval_model(), val_acc, trainer.device
 
-    def trainer(self, genotype: Genotype, budget: int, progress: bool = False) -> Trainer:
-        """A `Trainer` for the genotype's freshly built (seeded) model; nothing trained yet."""
+    def trainer(
+        self, genotype: Genotype, budget: int, progress: bool = False, data: Dataset | None = None
+    ) -> Trainer:
+        """A `Trainer` for the genotype's freshly built (seeded) model; nothing trained yet.
+        ``data``: another split of the same data set (a cross-validation fold)."""
         import torch
 
         from .trainer import Trainer
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        data = self.data()
+        data = data if data is not None else self.data()
         recipe = self.training_recipe()
         torch.manual_seed(self.seed)
         model = self.build(genotype, auxiliary=recipe.auxiliary)
@@ -144,14 +154,42 @@ class TrainingEvaluator:
         return get_space(self.space, **options).build(genotype, data.input_shape, data.num_classes)
 
     def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
+        if self.cv > 1:
+            return self._cross_validated(genotype, budget, report)
         trainer = self.trainer(genotype, budget)
         trainer.run(report)
         # the compression stage starts from these trained weights
         return self.measure_trained(trainer, self.with_test, self.weights_path(genotype, budget))
 
+    def _cross_validated(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
+        """The candidate trained on every fold (`nas.crossval.cv_folds`), epoch by epoch across the
+        folds, so each epoch's report (what ASHA stops on) is already the mean over folds. The kept
+        weights, test accuracy and costs are fold 0's: the model of the run's own train/val split."""
+        import numpy as np
+
+        from .chance import at_chance, chance_level
+        from .crossval import cv_folds, fold_mean
+
+        folds = cv_folds(self.data(), self.cv)
+        trainers = [self.trainer(genotype, budget, data=fold) for fold in folds]
+        summary: dict[str, float] = {}
+        while trainers[0].epoch < budget:
+            summary = fold_mean([t.train_epoch() for t in trainers])
+            report(trainers[0].epoch, summary)
+        metrics = self.measure_trained(trainers[0], self.with_test, self.weights_path(genotype, budget))
+        for key in ("val_acc", "val_loss", "val_acc_std", "folds"):
+            if key in summary:
+                metrics[key] = summary[key]
+        pool = np.concatenate([fold.y_val for fold in folds])  # every train+val label, once
+        metrics["chance_acc"] = chance_level(pool)
+        metrics["at_chance"] = float(at_chance(metrics["val_acc"], pool))
+        return metrics
+
     def measure_trained(self, trainer: Trainer, with_test: bool, weights: Path | None) -> dict[str, float]:
         """A finished `Trainer`'s metrics (accuracy, throughput, memory, costs); its evaluated
         model's weights go to ``weights`` (training-only parts left out). Trials and `train` alike."""
+        from .chance import at_chance, chance_level
+
         model, device, history = trainer.eval_model(), trainer.device, trainer.history
         data = self.data()
         # gpu: 1 when this trial trained on a CUDA device, so a run's records show that GPU
@@ -160,7 +198,14 @@ class TrainingEvaluator:
             "val_acc": history[-1]["val_acc"] if history else 0.0,
             "epochs": float(trainer.epochs),
             "gpu": float(device.type == "cuda"),
+            # what training really used: the asked batch cut on small data (nas.trainer.capped_batch_size)
+            "batch_size": float(trainer.recipe.batch_size),
+            # a model at the majority-class share learned nothing: flagged, so it is not read as a measurement
+            "chance_acc": chance_level(trainer.data.y_val),
         }
+        metrics["at_chance"] = float(at_chance(metrics["val_acc"], trainer.data.y_val))
+        if history and "val_loss" in history[-1]:  # breaks ties in val_acc (RunStore.ranked)
+            metrics["val_loss"] = history[-1]["val_loss"]
         if history:  # throughput and memory of the training itself
             metrics["images_per_s"] = sum(h["images_per_s"] for h in history) / len(history)
             metrics["peak_rss_mb"] = max(h["peak_rss_mb"] for h in history)

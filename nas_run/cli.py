@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray: run a trial whose worker or node died again up to N times (default 2), then count it failed",
     )  # read as text: a bad N is one error line (exit 2), not argparse's usage screen
     s.add_argument("--recipe", help="how candidates train: quick (default), standard or darts (see README)")
+    s.add_argument(
+        "--batch-size", type=int, help="training batch (default: the recipe's, 64 for quick); cut on small data "
+        "so that an epoch takes at least 8 steps",
+    )
+    s.add_argument(
+        "--val-fraction", type=float, help="share of the labelled data held out for validation (default 0.2)"
+    )
+    s.add_argument(
+        "--cv", type=int, metavar="K", help="cross-validate each trial on K folds of train+val "
+        "(default: 5 below 1,000 samples, else 1; 1 turns it off)",
+    )
     s.add_argument("--cache-dir", metavar="DIR", help="data cache for image folders / .npz files (default $XDG_CACHE_HOME/nas-run)")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", metavar="DIR", help="run folder (default results/<space>-<dataset>-...)")
@@ -174,6 +185,9 @@ _FLAG_KEYS = (
     "storage",
     "recipe",
     "cache_dir",
+    "batch_size",
+    "val_fraction",
+    "cv",
 )
 
 
@@ -234,7 +248,7 @@ def _search(args: argparse.Namespace) -> int:
 
         plan = JointPlan()
     progress = Progress(quiet=args.quiet, joint=joint)
-    run = run_search(config, resume=args.resume, on_result=progress.on_result, plan=plan)
+    run = run_search(config, resume=args.resume, on_result=progress.on_result, plan=plan, on_note=print)
     progress.summary(run)
     if args.compress:
         from compress.run import CompressConfig, run_compress

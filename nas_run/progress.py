@@ -86,6 +86,13 @@ class Progress:
             file=self.stream,
             flush=True,
         )
+        if result.status == "complete" and result.metrics.get("at_chance"):
+            print(
+                f"      warning: trial {cand.number} is at chance level (val_acc={acc:.4f}, majority class "
+                f"{result.metrics.get('chance_acc', float('nan')):.4f}): it learned nothing measurable",
+                file=self.stream,
+                flush=True,
+            )
 
     def _final_training(self, trained: Any, store: Any) -> None:
         """`nas-run train`'s trials: recipe, epochs and the test accuracy measured once at the end."""
@@ -134,6 +141,14 @@ class Progress:
             print(shown.to_string(index=False, max_colwidth=90), file=self.stream)
         if not trained.empty:
             self._final_training(trained, run.store)
+        done = search[search["status"] == "complete"] if not search.empty else search
+        if "at_chance" in done.columns and len(done):
+            stuck = int((done["at_chance"].fillna(0) > 0).sum())
+            if stuck > len(done) / 2:  # most candidates learned nothing: the budget, not the architectures
+                print(
+                    f"warning: {stuck} of {len(done)} trials ended at chance level: too few steps? (batch size, epochs)",
+                    file=self.stream,
+                )
         tables = [run.out / "trials.csv", run.out / "pareto.csv"]
         if all(t.exists() for t in tables):  # written when a search ends (or is interrupted)
             print(f"tables: {tables[0]}, {tables[1]}", file=self.stream)

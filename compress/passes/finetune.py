@@ -107,6 +107,9 @@ def train(
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         n = len(x)
+        from nas.trainer import capped_batch_size
+
+        batch_size = capped_batch_size(batch_size, n)  # small data: >= 8 steps per epoch, as search trials
         # a trailing batch of one sample breaks BatchNorm in train mode; drop it (a different
         # sample each epoch, since the order is reshuffled)
         n_used = n - 1 if n > 1 and n % batch_size == 1 else n

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas.collapse import collapse_message
 from nas.trial import Reporter
 from search_spaces import Genotype
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
     from .tasks import Task
 
-__all__ = ["BaseModel", "CompressionEvaluator", "check_policy", "needs_eager", "TRAINING_FORM_PASSES", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
+__all__ = ["BaseModel", "CompressionEvaluator", "check_policy", "needs_eager", "TRAINING_FORM_PASSES", "RECALIBRATE_AFTER", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
 
 # what a TorchScript model goes through as it is; for any other pass its graph is first converted
 # to an eager module (`CompressionEvaluator.as_eager`)
@@ -88,18 +89,38 @@ class BaseModel:
 TRAINING_FORM_PASSES = ("structured", "unstructured", "finetune")
 
 
-def deploy_policy(policy: Policy, mergeable: bool) -> Policy:
-    """The policy as applied to a model with re-parameterisable blocks: a "merge" pass inserted
+# passes after which BatchNorm running statistics are stale (structure or weights changed)
+RECALIBRATE_AFTER = ("structured", "lowrank", "unstructured", "finetune", "remove_blocks")
+
+
+def deploy_policy(policy: Policy, mergeable: bool, recalibrate: bool = True) -> Policy:
+    """The policy as applied: for a model with re-parameterisable blocks a "merge" pass inserted
     before the first pass that needs the deploy form, or appended (the shipped model is always
-    merged). A policy that names "merge" itself is taken as written. Pruning the training form
+    merged); a policy that names "merge" itself is taken as written. Pruning the training form
     and merging afterwards keeps far more accuracy than pruning the merged model
-    (`compress.passes.merge`)."""
+    (`compress.passes.merge`).
+
+    With ``recalibrate``, a "bn_recalib" pass (`compress.passes.bn_recalib`) goes after every run
+    of consecutive passes in `RECALIBRATE_AFTER`, i.e. before the next pass that reads the model's
+    eval-mode outputs (merge folds BNs, int8 calibrates on them) or at the end: once per run, since
+    a pass in between (fine-tuning trains in train mode) does not read the running statistics. A
+    policy that names "bn_recalib" itself is taken as written there too. The trial's policy (its
+    id, its artefact folder) stays the user's; this one and its records are what policy.json keeps."""
     names = [s.name for s in policy.passes]
-    if not mergeable or "merge" in names:
-        return policy
-    at = next((i for i, n in enumerate(names) if n not in TRAINING_FORM_PASSES), len(names))
-    merge = Policy.of("merge").passes
-    return Policy(policy.passes[:at] + merge + policy.passes[at:])
+    passes = policy.passes
+    if mergeable and "merge" not in names:
+        at = next((i for i, n in enumerate(names) if n not in TRAINING_FORM_PASSES), len(names))
+        passes = passes[:at] + Policy.of("merge").passes + passes[at:]
+    if recalibrate and "bn_recalib" not in names:
+        recalib = Policy.of("bn_recalib").passes[0]
+        out, pending = [], False
+        for spec in passes:
+            if pending and spec.name not in RECALIBRATE_AFTER:
+                out.append(recalib)
+            pending = spec.name in RECALIBRATE_AFTER
+            out.append(spec)
+        passes = (*out, recalib) if pending else tuple(out)
+    return policy if passes == policy.passes else Policy._checked(tuple(passes))
 
 
 @functools.lru_cache(maxsize=2)
@@ -275,6 +296,10 @@ class CompressionEvaluator:
         torch.manual_seed(self.seed)
         out = deploy_policy(pol, self.mergeable).apply(base.module, ctx)
         metrics = self.measure(base, out)
+        metrics.update(self.collapse(out, metrics))
+        message = collapse_message(metrics)
+        if message:
+            out.notes.append(message)
         metrics["retrained"] = float(base.retrained)
         metrics["final_trained"] = float(self.final_weights(genotype) is not None)
         metrics["gpu"] = float(ctx.device.startswith("cuda"))
@@ -352,6 +377,26 @@ class CompressionEvaluator:
             # an int8 model has no PyTorch form: its latency is the one it ships with (ORT)
             m["latency_ms"] = ms
         return m
+
+    def collapse(self, out: Compressed, metrics: dict[str, float]) -> dict[str, float]:
+        """The collapse guard (`nas.collapse`): flagged when the compressed model scores near chance
+        while the uncompressed one did not, with the likely causes checked on the float model."""
+        import math
+
+        from nas.collapse import collapse_metrics
+
+        data = self.data()
+        # chance is a majority-class share: it means something for class labels scored by accuracy only
+        if data.label_kind != "classes" or self.metric not in (None, "accuracy") or self.loss in ("mse", "l1"):
+            return {}
+        steps = None  # fine-tuning's optimisation steps (None: no fine-tuning to blame)
+        rows = len(PassContext(data=data, seed=self.seed, calib_size=self.calib_size)._split()[1])
+        for spec, r in zip(out.policy.passes, out.records, strict=True):
+            if spec.name == "finetune" and r.get("epochs"):
+                steps = (steps or 0) + int(r["epochs"]) * math.ceil(rows / int(spec.settings["batch_size"]))
+        recalibrated = any(r.get("pass") == "bn_recalib" and r.get("bn_layers") for r in out.records)
+        return collapse_metrics(metrics["val_acc"], data.y_val, base_acc=metrics.get("base_val_acc"),
+                                model=out.float_model, x=data.x_val[:64], steps=steps, recalibrated=recalibrated)
 
     def _keep(self, genotype: Genotype, policy: Policy, out: Compressed, metrics: dict[str, float]) -> None:
         """The compressed model and its records, written atomically into its own folder."""

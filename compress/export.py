@@ -450,7 +450,8 @@ def _quantize(run: _Run, ref: _Reference, deploy: Any, data: Dataset, meta: dict
     q, rec = get_pass("int8").apply(deploy, int8.passes[0].settings, ctx)
     applied = Policy.from_json(ref.spec.applied)
     # as the compression stage would apply it: a model with training branches is merged first
-    combined = deploy_policy(Policy._checked(applied.passes + int8.passes), run.space == "unireplk")
+    # no "bn_recalib" here: int8 quantises the trial's stored weights, whose statistics are final
+    combined = deploy_policy(Policy._checked(applied.passes + int8.passes), run.space == "unireplk", recalibrate=False)
     records = list(meta["records"])
     if len(combined.passes) == len(applied.passes) + 2:  # a "merge" went in before int8
         records.append({"pass": "merge", "blocks": _mergeable_blocks(ref.module)})

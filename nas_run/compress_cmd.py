@@ -179,6 +179,12 @@ class CompressProgress:
             f"({result.duration_s:.1f}s)  [{time.perf_counter() - self.start:.0f}s]",
             flush=True,
         )
+        if result.status == "complete":
+            from nas.collapse import collapse_message
+
+            warning = collapse_message(m)
+            if warning:  # a destroyed model is said where it happens, not only ranked low
+                print(f"      warning: trial {cand.number} {warning}", flush=True)
 
     def summary(self, run: Any) -> None:
         df = run.table()
@@ -197,7 +203,12 @@ class CompressProgress:
         print(f"\ncompression: {run.out}   trials: {df['status'].value_counts().to_dict()}", file=out)
         with_pd_options(lambda: print(df[cols].to_string(index=False, max_colwidth=60), file=out))
         for note in _notes(run.out, df):
-            print(f"note: {note}", file=out)
+            if not note.startswith("collapsed:"):  # said per trial below
+                print(f"note: {note}", file=out)
+        from nas.collapse import collapse_warnings
+
+        for line in collapse_warnings(df):
+            print(f"warning: {line}", file=out)
         if (df.get("sparsity") is not None) and (df["sparsity"].fillna(0) > 0.05).any():
             print(
                 "note: unstructured sparsity shrinks the compressed file (zip_bytes) but gives no "

@@ -96,9 +96,10 @@ def test_low_rank_replay_from_the_kept_records_rebuilds_the_compressed_structure
     from search_spaces import Genotype
 
     base = ev.load_base(Genotype.from_str(r.genotype))
-    # the applied policy: the trial's, with the merge of the large-kernel branches inserted
+    # the applied policy: the trial's, with the merge of the large-kernel branches inserted and
+    # the BatchNorm re-estimation after the passes that change the model
     applied = Policy.from_json(meta["applied"])
-    assert [s.name for s in applied.passes] == ["merge", "lowrank", "finetune"]
+    assert [s.name for s in applied.passes] == ["merge", "lowrank", "finetune", "bn_recalib"]
     rebuilt = applied.replay(base.module, meta["records"], PassContext(ev.data()))
     saved = load_file(str(folder / "model.safetensors"))
     state = rebuilt.state_dict()

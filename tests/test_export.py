@@ -121,7 +121,7 @@ def test_compressed_model_exports_and_reloads_with_identical_outputs(runs, digit
     folder = run / "compressed" / f"{rec['genotype_id']}+{PRUNE.id}"
     kept = json.loads((folder / "policy.json").read_text())
     applied = Policy.from_json(kept["applied"])
-    assert [p.name for p in applied.passes] == ["structured", "finetune", "merge"]
+    assert [p.name for p in applied.passes] == ["structured", "finetune", "bn_recalib", "merge"]
     model = applied.replay(base, kept["records"], PassContext(data=digits))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_compressed_model_exports_and_reloads_with_identical_outputs(runs, digit
     assert by_id.trial == rec["number"] and "drop" in by_id.check["summary"]
     assert [p["pass"] for p in json.loads(by_id.metadata["policy"])["passes"]] == ["structured", "finetune", "int8"]
     applied = json.loads(by_id.metadata["applied_policy"])["passes"]
-    assert [p["pass"] for p in applied] == ["structured", "finetune", "merge", "int8"]
+    assert [p["pass"] for p in applied] == ["structured", "finetune", "bn_recalib", "merge", "int8"]
     assert verify_export(by_id.path)["passed"]  # the int8 record replays to the same model
 
 

@@ -34,11 +34,20 @@ def _unireplk(seed: int, rep: bool = True) -> torch.nn.Module:
 def test_merge_goes_before_the_first_pass_that_needs_the_deploy_form():
     names = lambda p: [s.name for s in p.passes]  # noqa: E731
     p = Policy.of(("structured", {"ratio": 0.5}), "finetune", ("lowrank", {"target": 0.5}), "int8")
-    assert names(deploy_policy(p, True)) == ["structured", "finetune", "merge", "lowrank", "int8"]
-    assert names(deploy_policy(Policy.of(("unstructured", {"sparsity": 0.5})), True)) == ["unstructured", "merge"]
+    assert names(deploy_policy(p, True, recalibrate=False)) == ["structured", "finetune", "merge", "lowrank", "int8"]
+    # BN statistics re-estimated once after each run of passes that change the model, before merge folds them
+    assert names(deploy_policy(p, True)) == ["structured", "finetune", "bn_recalib", "merge", "lowrank", "bn_recalib",
+                                             "int8"]
+    assert names(deploy_policy(Policy.of(("unstructured", {"sparsity": 0.5})), True)) == ["unstructured", "bn_recalib",
+                                                                                        "merge"]
     assert names(deploy_policy(Policy.of("int8"), True)) == ["merge", "int8"]
-    assert names(deploy_policy(Policy.of("merge", ("structured", {"ratio": 0.5})), True)) == ["merge", "structured"]
-    assert deploy_policy(p, False) == p  # nothing to merge: as written
+    assert names(deploy_policy(Policy.of("merge", ("structured", {"ratio": 0.5})), True)) == ["merge", "structured",
+                                                                                            "bn_recalib"]
+    assert deploy_policy(p, False, recalibrate=False) == p  # nothing to merge: as written
+    # without a merge in between, pruning, fine-tuning and low-rank are one run: one re-estimation
+    assert names(deploy_policy(p, False)) == ["structured", "finetune", "lowrank", "bn_recalib", "int8"]
+    named = Policy.of(("structured", {"ratio": 0.5}), "bn_recalib", "finetune")
+    assert deploy_policy(named, False) == named  # a policy naming bn_recalib is taken as written
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

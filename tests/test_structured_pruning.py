@@ -264,6 +264,41 @@ def test_round_to_keeps_multiples(space: str, shape: tuple[int, ...]) -> None:
     _assert_same_state(P.replay(copy.deepcopy(model), record, _ctx(shape)), pruned)
 
 
+def test_grid_rounding_never_prunes_more_than_asked() -> None:
+    """Issue #22, item 5: the kept count goes *up* to the grid, so no layer loses more channels
+    than asked, at least one group stays, and no further group could go without overshooting."""
+    from compress.passes.structured import grid_pruned
+
+    for channels in range(1, 65):
+        for step in (1, 2, 4, 8, 16):
+            for asked in range(channels):
+                n = grid_pruned(asked, channels, step)
+                kept = channels - n
+                assert 0 <= n <= asked and kept >= min(channels, step)
+                if n and step > 1:
+                    assert kept % step == 0
+                if step > 1:  # maximal: pruning one more group would overshoot or empty the layer
+                    assert kept - step < max(channels - asked, step) or kept - step < 1
+    assert grid_pruned(5, 16, 8) == 0  # ratio 0.3 of 16 on a grid of 8: Torch-Pruning pruned 8 (0.5)
+    assert grid_pruned(8, 16, 8) == 8 and grid_pruned(10, 32, 8) == 8 and grid_pruned(15, 16, 8) == 8
+
+
+def test_round_to_on_a_16_channel_layer_prunes_at_most_the_ratio_and_records_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    ctx = _ctx(IMG)
+    pruned, record = P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.3, "round_to": 8}, ctx)
+    assert pruned[0].out_channels == 16 and pruned[2].out_channels == 24  # not 8 and 16: never past 0.3
+    assert record["ratios"]["0"] == {"asked": 0.3, "actual": 0.0, "channels": [16, 16]}
+    assert record["ratios"]["2"] == {"asked": 0.3, "actual": 0.25, "channels": [32, 24]}
+    assert "6" not in record["ratios"]  # the classifier is never asked
+    assert any("never prunes more than asked" in n and "asked 0.30, pruned 0.00 of 16" in n for n in ctx.notes), ctx.notes
+    _assert_same_state(P.replay(copy.deepcopy(model), record, _ctx(IMG)), pruned)
+    half, rec = P.apply(copy.deepcopy(model), {**P.defaults, "ratio": 0.5, "round_to": 8}, _ctx(IMG))
+    assert (half[0].out_channels, half[2].out_channels) == (8, 16) and rec["ratios"]["0"]["actual"] == 0.5
+
+
 def test_odd_channel_counts_are_named_in_the_notes() -> None:
     """Off the grid a 2-D model can get slower (results/round_to.md): the user is told, once."""
     model = _space_model("unireplk", IMG, seed=0)

@@ -15,6 +15,9 @@ Settings: ``per_layer`` names a layer or a container (every prunable layer insid
 ratio); ``ignore`` keeps the *output* channels of the named layers (their input channels still
 follow the layer feeding them), as Torch-Pruning's ``ignored_layers``; the classifier (the
 layer producing the model output) is always ignored, and no group is ever pruned to zero.
+``round_to`` keeps channel counts multiples of it, rounding the kept count *up* (`grid_pruned`):
+a layer never loses more channels than the ratio asks (0.3 of 16 on a grid of 8 prunes none
+rather than half), and ``ratios`` in the record shows each layer's asked and actual ratio.
 
 Four things Torch-Pruning would get wrong are handled around it:
 
@@ -40,6 +43,7 @@ Record (plain JSON)::
     {"input_shape": [1, 8, 8],
      "history": [{"layer": "stem.0", "dim": "out", "channels": 24, "keep": [0, 3, ...]}, ...],
      "layers": {"stem.0": [24, 12], ...},          # out channels before -> after, pruned layers
+     "ratios": {"stem.0": {"asked": 0.5, "actual": 0.5, "channels": [24, 12]}, ...},  # every layer asked
      "layers_skipped": ["cells.0.weird"],          # layers Torch-Pruning could not handle
      "params": [before, after], "macs": [before, after]}
 
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -164,7 +169,14 @@ class StructuredPruning:
             ctx.notes.append(f"structured: round_to={s['round_to']} left {len(odd)} layer(s) with channel counts "
                              f"off a multiple of 4 (e.g. {odd[0]}: {layers[odd[0]][1]}); ONNX Runtime may run such "
                              "a model slower than the unpruned one (round_to=8 keeps them on its kernels' grid)")
-        return work, _record(shape, history, layers, sorted({*skipped, *failed, *unsafe}), before, after)
+        ratios = _layer_ratios(model, work, float(s["ratio"]), per_layer, keep_out)
+        short = [n for n, r in ratios.items() if r["actual"] < r["asked"] - 1.0 / r["channels"][0] and n not in left]
+        if short and int(s["round_to"]) > 1 and not s["global_pruning"]:  # said, so a reader of the ratio is not misled
+            r = ratios[short[0]]
+            ctx.notes.append(f"structured: round_to={s['round_to']} never prunes more than asked, so {len(short)} layer(s) "
+                             f"kept more channels than the ratio (e.g. {short[0]}: asked {r['asked']:.2f}, pruned "
+                             f"{r['actual']:.2f} of {r['channels'][0]}); a smaller round_to prunes them closer to it")
+        return work, _record(shape, history, layers, sorted({*skipped, *failed, *unsafe}), before, after, ratios)
 
     # -- replay -------------------------------------------------------------------------------------
     def replay(self, model: torch.nn.Module, record: Mapping[str, Any], ctx: PassContext) -> Any:
@@ -226,7 +238,7 @@ def _pruner(
     }[s["importance"]]()
     names = dict(model.named_modules())
     with _quiet():
-        return tp.pruner.BasePruner(
+        return _pruner_class()(
             model,
             x,
             importance=importance,
@@ -238,6 +250,31 @@ def _pruner(
             forward_fn=_forward_all,
             customized_pruners=_frozen_pruners(model),
         )
+
+
+def grid_pruned(n_pruned: int, channels: int, round_to: int) -> int:
+    """How many of ``channels`` to prune when ``n_pruned`` are asked and the kept count must be a
+    multiple of ``round_to``: the kept count is rounded *up* to the grid, so pruning never exceeds
+    what was asked (Torch-Pruning rounds it down: ratio 0.3 of 16 channels on a grid of 8 pruned
+    half of them), and at least one ``round_to`` group is kept (a layer no wider than that is not
+    pruned). A layer whose width is off the grid may keep all its channels."""
+    if round_to <= 1:
+        return max(0, min(n_pruned, channels - 1))
+    kept = -(-(channels - n_pruned) // round_to) * round_to  # ceil to a multiple of round_to
+    kept = max(kept, round_to)
+    return channels - kept if kept < channels else 0
+
+
+@functools.cache
+def _pruner_class() -> type:
+    """Torch-Pruning's `BasePruner` with `grid_pruned` as its channel rounding."""
+    import torch_pruning as tp
+
+    class Pruner(tp.pruner.BasePruner):
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            return grid_pruned(int(n_pruned), int(current_channels), int(round_to))
+
+    return Pruner
 
 
 def _prune_checked(
@@ -260,6 +297,8 @@ def _prune_checked(
     for group in pruner.step(interactive=True):
         root, handler = group[0].dep.target.module, group[0].dep.handler
         name = dg._module2name.get(root, "?")
+        if not any(len(idxs) for _, idxs in group):  # `grid_pruned` kept every channel
+            continue
         if _reorders_channels(group):
             unsafe.append(name)
             continue
@@ -468,15 +507,36 @@ def _notes(ctx: PassContext, model: torch.nn.Module, s: Mapping[str, Any], histo
 
 
 def _record(shape: list[int], history: list[dict[str, Any]], layers: dict[str, list[int]],
-            skipped: list[str], before: Any, after: Any) -> dict[str, Any]:
+            skipped: list[str], before: Any, after: Any, ratios: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "input_shape": shape,
         "history": history,
         "layers": layers,
         "layers_skipped": skipped,
+        "ratios": ratios or {},
         "params": [before.params, after.params],
         "macs": [before.macs, after.macs],
     }
+
+
+def _layer_ratios(original: torch.nn.Module, pruned: torch.nn.Module, ratio: float, per_layer: Mapping[str, float],
+                  keep_out: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{layer: {"asked", "actual", "channels": [before, after]}} for every conv/linear that was
+    asked to lose channels: its ``per_layer`` ratio (the layer's, else its closest container's),
+    else ``ratio`` (under global pruning, the overall target)."""
+    from torch import nn
+
+    now = dict(pruned.named_modules())
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in original.named_modules():
+        if not isinstance(m, nn.modules.conv._ConvNd | nn.Linear) or name in keep_out or name not in now:
+            continue
+        owners = [k for k in per_layer if name == k or name.startswith(k + ".")]
+        asked = per_layer[max(owners, key=len)] if owners else ratio
+        a, b = _width(m), _width(now[name])
+        if asked > 0 or a != b:
+            out[name] = {"asked": float(asked), "actual": round(1.0 - b / a, 6), "channels": [a, b]}
+    return out
 
 
 def _layer_widths(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, list[int]]:

@@ -228,6 +228,12 @@ def _summary(run: RunData) -> str:
     if run.in_progress:
         banner = (f"<div class='banner'>run in progress: a nas-run process is writing {escape(run.name)} now; "
                   f"this page is a snapshot of its {len(run.trials)} trials so far. Make the report again later.</div>")  # fmt: skip
+    from nas.collapse import collapse_warnings
+
+    collapsed = collapse_warnings(run.trials)
+    if collapsed:  # a compression that destroyed its model must not pass as a low point on a plot
+        items = "".join(f"<li>{escape(line)}</li>" for line in collapsed)
+        banner += f"<div class='banner'>{len(collapsed)} collapsed trial(s): accuracy at chance<ul>{items}</ul></div>"
     return f"<h3>{escape(run.title)}</h3>{banner}<table>{rows}</table>"
 
 

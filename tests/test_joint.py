@@ -112,7 +112,9 @@ def _joint_cmd(out: Path, trials: int, strategy: str = "random", *extra: str) ->
 
 def test_joint_run_records_pairs_that_report_and_export_read(tmp_path, capsys):
     out = tmp_path / "joint"
-    limit = 15000.0
+    # between the int8 pairs (~15 kB) and the float ones (~40 kB): some meet it, some do not (structured
+    # 0.3 with round_to 8 no longer prunes half of a tiny model's 8/16-wide layers, so 15 kB was too tight)
+    limit = 20000.0
     assert main(_joint_cmd(out, 4, "surrogate", "--joint-policy", "prune+int8",
                            "--constraint", f"file_bytes<={limit:g}")) == 0
     df = open_store(out).dataframe()

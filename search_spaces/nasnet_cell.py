@@ -306,6 +306,12 @@ class NASNetCellSpace(SearchSpace):
     def concat(self) -> str:
         return RULES[self.options["rules"]][1]
 
+    def concatenated(self, g: Genotype) -> dict[str, tuple[int, ...]]:
+        """Per cell type of ``g``, the block indices j its cell concatenates: what `build`'s
+        cells compute (`concat_nodes` of the space's rule), so a drawing asks here, not a copy."""
+        cells = cell_blocks(self.validate(g))
+        return {cell: concat_nodes(blocks, self.concat) for cell, blocks in cells.items()}
+
     # -- decisions -----------------------------------------------------------------------------
     def _pairs(self, b: int) -> tuple[str, ...]:
         """Input pairs block b may read, as ``"i+j"`` with i < j (darts) or i <= j (nasnet)."""

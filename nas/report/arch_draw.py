@@ -4,7 +4,9 @@ stage table. Plain SVG/HTML text (no Graphviz, no JavaScript), embedded in the r
 - NASNet / DARTS (`search_spaces.nasnet_cell`): per cell type, the inputs c_{k-2} and c_{k-1}
   on the left, each block as a box holding its two ops and their sum, columns by depth (a block
   sits right of every block it reads), on the right the concatenation of all blocks (DARTS's
-  rule) or of those no block reads (NASNet's), as the run's space says.
+  rule) or of those no block reads (NASNet's): the blocks the space's own builder concatenates
+  (`NASNetCellSpace.concatenated`), so the drawing cannot differ from the network built.
+  Every edge carries ``data-src``/``data-dst`` (and ``data-op``) so tests read the graph back.
 - NAS-Bench-201 (`search_spaces.nb201`): nodes 0..3 on a line, each edge an arc labelled with
   its op; edges on no input->output path (cut by ``none``) are dashed.
 - Large-kernel (`search_spaces.large_kernel`): one table row per stage.
@@ -13,13 +15,13 @@ stage table. Plain SVG/HTML text (no Graphviz, no JavaScript), embedded in the r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
 from search_spaces import Genotype, GenotypeError, NasRunError, get_space
 
-__all__ = ["cell_concat", "draw_architecture", "draw_cell", "draw_nb201", "stage_table"]
+__all__ = ["draw_architecture", "draw_cell", "draw_nb201", "stage_table"]
 
 # op family -> fill colour, so the eye finds convolutions, pools and skips at once
 _FILL = (
@@ -45,13 +47,20 @@ def _text(x: float, y: float, s: str, size: int = 11, anchor: str = "middle", we
     )
 
 
-def _curve(x1: float, y1: float, x2: float, y2: float, color: str, dash: bool = False) -> str:
+def _curve(x1: float, y1: float, x2: float, y2: float, color: str, attrs: str = "") -> str:
     dx = max(30.0, (x2 - x1) / 2)
-    extra = ' stroke-dasharray="4 3"' if dash else ""
     return (
-        f'<path d="M{x1:.1f},{y1:.1f} C{x1 + dx:.1f},{y1:.1f} {x2 - dx:.1f},{y2:.1f} {x2:.1f},{y2:.1f}" '
-        f'fill="none" stroke="{color}" stroke-width="1.6"{extra} marker-end="url(#arrow)"/>'
+        f'<path{attrs} d="M{x1:.1f},{y1:.1f} C{x1 + dx:.1f},{y1:.1f} {x2 - dx:.1f},{y2:.1f} {x2:.1f},{y2:.1f}" '
+        f'fill="none" stroke="{color}" stroke-width="1.6" marker-end="url(#arrow)"/>'
     )
+
+
+_INPUTS = ("c_{k-2}", "c_{k-1}")
+
+
+def _node(i: int) -> str:
+    """A cell input's name (``c_{k-2}``, ``c_{k-1}``) or block j's index, as the paper numbers nodes."""
+    return _INPUTS[i] if i < 2 else str(i - 2)
 
 
 _DEFS = (
@@ -60,19 +69,13 @@ _DEFS = (
 )
 
 
-def cell_concat(space: str, options: Mapping[str, Any] | None = None) -> str:
-    """Which blocks a cell of this space concatenates: ``"all"`` (DARTS's rule) or
-    ``"loose_ends"`` (NASNet's), as the space itself says (its ``concat``)."""
-    try:
-        return str(getattr(get_space(space, **dict(options or {})), "concat", "loose_ends"))
-    except NasRunError:
-        return "loose_ends"
-
-
-def draw_cell(blocks: tuple, title: str, reduction: bool = False, concat: str = "loose_ends") -> str:
+def draw_cell(blocks: tuple, title: str, reduction: bool = False, *, concat: str | Sequence[int]) -> str:
     """One NASNet/DARTS cell: ``blocks`` are ``(in1, op1, in2, op2)`` (see `nasnet_cell`);
-    ``concat``: the cell's output concatenates ``"all"`` blocks or only the ``"loose_ends"``."""
-    from search_spaces.nasnet_cell import loose_ends
+    ``concat``: the block indices the cell's output concatenates (from the space), or its rule
+    (``"all"``, ``"loose_ends"``). No default: a guessed rule is how cells were drawn wrong."""
+    from search_spaces.nasnet_cell import concat_nodes
+
+    joined = concat_nodes(blocks, concat) if isinstance(concat, str) else tuple(concat)
 
     level = [0, 0]  # of the inputs c_{k-2}, c_{k-1}; then one per block
     for in1, _, in2, _ in blocks:
@@ -90,7 +93,7 @@ def draw_cell(blocks: tuple, title: str, reduction: bool = False, concat: str = 
     width = 30 + (depth + 1) * col_w + 60
     out_port: dict[int, tuple[float, float]] = {}
     parts = [_DEFS]
-    for i, name in enumerate(("c_{k-2}", "c_{k-1}")):
+    for i, name in enumerate(_INPUTS):
         y = 40 + i * row_h
         parts.append(f'<rect x="8" y="{y - 15}" width="76" height="30" rx="6" fill="#f3f3f3" stroke="#666"/>')
         parts.append(_text(46, y, name, 12, weight="bold"))
@@ -116,13 +119,14 @@ def draw_cell(blocks: tuple, title: str, reduction: bool = False, concat: str = 
                 f'<line x1="{bx + 132}" y1="{oy + 12}" x2="{bx + 148}" y2="{by + box_h / 2}" stroke="#777"/>'
             )
             sx, sy = out_port.get(src, (84, 40))
-            edges.append(_curve(sx, sy, bx + 8, oy + 12, _EDGE[src % len(_EDGE)]))
+            tag = f' class="op-edge" data-src="{_node(src)}" data-dst="{j}" data-op="{escape(op)}"'
+            edges.append(_curve(sx, sy, bx + 8, oy + 12, _EDGE[src % len(_EDGE)], tag))
         boxes.append(f'<circle cx="{bx + 158}" cy="{by + box_h / 2}" r="10" fill="#fff" stroke="#444"/>')
         boxes.append(_text(bx + 158, by + box_h / 2 + 1, "+", 14, weight="bold"))
     cx, cy = width - 62, height / 2 - 10
-    for j in range(len(blocks)) if concat == "all" else loose_ends(blocks):
+    for j in joined:
         sx, sy = out_port[2 + j]
-        edges.append(_curve(sx, sy, cx, cy, "#555").replace("<path ", '<path class="to-concat" ', 1))
+        edges.append(_curve(sx, sy, cx, cy, "#555", f' class="to-concat" data-src="{j}" data-dst="concat"'))
     boxes.append(f'<rect x="{cx}" y="{cy - 16}" width="56" height="32" rx="6" fill="#f3f3f3" stroke="#666"/>')
     boxes.append(_text(cx + 28, cy, "concat", 11, weight="bold"))
     head = _text(8, 12, title, 12, anchor="start", weight="bold")
@@ -197,7 +201,8 @@ def _svg(width: float, height: float, parts: list[str], label: str) -> str:
 
 def draw_architecture(genotype: str, space_options: Mapping[str, Any] | None = None) -> str:
     """HTML for one genotype string, by the shape of its fields; falls back to the string.
-    ``space_options``: those of the run's space (a cell's concatenation rule may be one)."""
+    ``space_options``: those of the run's space (a cell's concatenation rule may be one); a cell
+    genotype its space does not read (unknown space, refused version) is shown as written."""
     try:
         g = Genotype.from_str(genotype)
     except (GenotypeError, ValueError):
@@ -207,9 +212,12 @@ def draw_architecture(genotype: str, space_options: Mapping[str, Any] | None = N
         if keys == ("normal", "reduce"):
             from search_spaces.nasnet_cell import cell_blocks
 
+            space = get_space(g.space, **dict(space_options or {}))
+            g = space.from_str(genotype)  # the space's reading (old versions, canonical order)
+            joined = space.concatenated(g)
             cells = cell_blocks(g)
-            return draw_cell(cells["normal"], "normal cell") + draw_cell(
-                cells["reduce"], "reduction cell", True
+            return draw_cell(cells["normal"], "normal cell", concat=joined["normal"]) + draw_cell(
+                cells["reduce"], "reduction cell", True, concat=joined["reduce"]
             )
         if keys == ("edges",):
             return draw_nb201(g["edges"])
@@ -219,6 +227,6 @@ def draw_architecture(genotype: str, space_options: Mapping[str, Any] | None = N
             and all(isinstance(v, tuple) and len(v) == 6 for v in g.as_dict().values())
         ):
             return stage_table(g)
-    except (GenotypeError, ValueError, IndexError, KeyError, TypeError):
+    except (NasRunError, ValueError, IndexError, KeyError, TypeError, AttributeError):
         pass  # a genotype of a shape we do not know: show it as written
     return f"<code>{escape(g.to_str())}</code>"

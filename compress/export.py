@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from nas.data import Dataset
     from nas.store import RunStore
 
+    from .pick import Picked
+
 __all__ = ["ExportResult", "export_trial", "record_export", "verify_export", "TOLERANCE"]
 
 TOLERANCE = 1e-4  # max abs logit difference of a float export against the in-memory model
@@ -76,6 +78,10 @@ class ExportResult:
     check: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    picked: str | None = None  # how the trial was chosen without --trial (`compress.pick`)
+    # the exported model's accuracy against its float base, and the drop's limit (`_against_base`)
+    against_base: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None  # the drop exceeds its limit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +102,9 @@ class _Run:
     joint: bool = False  # a joint architecture x compression run: its trials are compressed pairs
     val_fraction: float = 0.2  # a search run's validation share (its config's): the same split
     layout: str | None = None  # a --model run's --layout (else its data are fed as stored)
+    # compress.json's: a policy search's --constraint (judged on its compressed trials), --metric
+    constraints: tuple[Any, ...] = ()
+    metric: str | None = None
 
     def data(self) -> Dataset:
         from nas.data import load_dataset
@@ -105,7 +114,7 @@ class _Run:
 
 
 def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
-    from nas.objectives import parse_objectives
+    from nas.objectives import parse_constraints, parse_objectives
     from nas.search import open_store, read_config
     from nas.store import RunStore
 
@@ -113,6 +122,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
     comp_path = d / "compress.json"
     comp = json.loads(comp_path.read_text()) if comp_path.is_file() else {}
     calib = int(comp.get("calib_size", 256))
+    extra = {"constraints": parse_constraints(comp.get("constraints") or ()), "metric": comp.get("metric")}
     if (d / "config.json").is_file():
         from search_spaces import get_space
 
@@ -120,7 +130,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
         space = get_space(cfg.space, **dict(cfg.space_options))
         space = space.tiny() if cfg.tiny else space
         return _Run(d, open_store(d, read_only=True), cfg.dataset, cfg.seed, True, cfg.space,
-                    dict(space.options), None, calib, cfg.joint, cfg.val_fraction, layout=cfg.layout)
+                    dict(space.options), None, calib, cfg.joint, cfg.val_fraction, layout=cfg.layout, **extra)
     if comp.get("model"):
         if not (d / "study.db").is_file():
             raise ConfigError(f"{str(d)!r} holds no study.db: nothing was compressed there yet")
@@ -128,7 +138,7 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
         store = RunStore(url, parse_objectives(comp.get("objectives") or ("val_acc",)), (),
                          study_name=d.resolve().name, read_only=True)
         return _Run(d, store, str(comp["dataset"]), int(comp.get("seed", 0)), bool(comp.get("standardize", False)),
-                    None, {}, str(comp["model"]), calib, layout=comp.get("layout"))
+                    None, {}, str(comp["model"]), calib, layout=comp.get("layout"), **extra)
     raise ConfigError(f"{str(d)!r} is not a run folder (no config.json or compress.json)")
 
 
@@ -174,6 +184,26 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
             rec = _pick_policy(run, records, rec, policy)
     _check_usable(rec)
     return rec
+
+
+def _choose(run: _Run, trial: int | None, policy: str | None, pick: str | None,
+            fmt: str) -> tuple[dict[str, Any], Picked | None]:
+    """The trial to export: ``--trial`` (and ``--policy`` without a rule) as `_select` finds them;
+    otherwise the one the ``--pick`` rule (default: the run's objectives) picks among the run's
+    architectures and compressed trials (`compress.pick`), narrowed to ``--policy``'s."""
+    if trial is not None and pick is not None:
+        raise ConfigError("give --trial N or --pick RULE, not both: --pick chooses the trial")
+    if trial is not None or (policy is not None and pick is None):
+        return _select(run, trial, policy), None
+    from .pick import pick_trial
+
+    def keep(rec: Mapping[str, Any]) -> bool:
+        return bool(rec.get("policy")) and _policy_matches(rec["policy"], str(policy))
+
+    picked = pick_trial(run.store.records(), run.store.objectives, pick, run.store.constraints, run.constraints,
+                        int8_ok=fmt == "onnx-int8", keep=keep if policy is not None else None)
+    _check_usable(picked.record)
+    return picked.record, picked
 
 
 def _final_trained(run: _Run, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -330,15 +360,20 @@ def export_trial(
     out: str | os.PathLike[str] | None = None,
     policy: str | None = None,
     record: bool = True,
+    pick: str | None = None,
+    strict: bool = False,
 ) -> ExportResult:
     """Export one trial of ``run_dir`` as ``format`` to ``out``, load it back, check it, record
-    the check in the run's store (see the module docstring). Bad input is a `ConfigError`."""
+    the check in the run's store (see the module docstring). Bad input is a `ConfigError`.
+    Without ``trial``, ``pick`` (a `compress.pick` rule; default the run's objectives) chooses.
+    ``strict``: a drop against the float base over its limit refuses the export (an
+    `AccuracyDropError`, nothing written) instead of a warning."""
     if format not in FORMATS:
         raise ConfigError(str(UnknownNameError("export format", format, FORMATS)))
     if out is None:
         raise ConfigError("give --out PATH for the exported file")
     run = _open_run(run_dir)
-    rec = _select(run, trial, policy)
+    rec, picked = _choose(run, trial, policy, pick, format)
     out_path = _writable(Path(out))
     data = run.data()
     ref = _reference(run, rec, data)
@@ -378,15 +413,64 @@ def export_trial(
         check = _check(loaded, ref, q_bytes, data)
         if not check["passed"]:
             raise ExportCheckError(f"export check failed for {out_path}: {check['summary']}; nothing was written")
+        base = _against_base(run, ref, loaded, check, data, picked)
+        if base["warning"] and strict:  # refused before the file is moved in: nothing written
+            raise AccuracyDropError(f"{base['warning']}; --strict: nothing was written to {out_path}")
         _commit(tmp, out_path, format)
     finally:
         for p in (tmp, sidecar_path(tmp)):
             p.unlink(missing_ok=True)
     result = ExportResult(out_path, format, int(rec["number"]), rec["genotype"], _label(written["policy"]),
                           written.get("opset"), check, notes, written)
+    result.picked = picked.line() if picked is not None else None
+    result.notes[:0] = picked.notes if picked is not None else []
+    result.against_base, result.warning = base, base["warning"]
+    result.check = dict(check, against_base={k: v for k, v in base.items() if k != "line"})
     if record:
         record_export(run.store, result)
     return result
+
+
+class AccuracyDropError(ConfigError):
+    """``--strict``: the exported model is further below its float base than the limit allows."""
+
+
+def _against_base(run: _Run, ref: _Reference, loaded: Exported, check: Mapping[str, Any], data: Dataset,
+                  picked: Picked | None) -> dict[str, Any]:
+    """The exported file's accuracy on the validation split next to its float base — the
+    uncompressed model: a compressed trial's ``base_val_acc``, else the trial's own float model
+    — the drop in points, and a warning when it exceeds the limit (`compress.pick.drop_limit`).
+    Accuracy is measured (argmax) where labels are classes scored by accuracy; otherwise (a
+    --model run's --metric) the recorded values are stated."""
+    from .pick import drop_limit
+
+    rec, x, y = ref.record, data.x_val, data.y_val
+    measured = data.label_kind == "classes" and run.metric in (None, "accuracy") and len(y) > 0
+    if check.get("kind") == "accuracy":  # int8: measured on the whole split by the check
+        acc = float(check["val_acc"])
+    elif measured:
+        acc = float((loaded.predict(x).argmax(1) == y).mean())
+    else:
+        acc = float(rec["metrics"].get("val_acc", float("nan")))
+    base = rec["metrics"].get("base_val_acc") if rec.get("policy") else None
+    if base is None:  # the trial is its own float base (quantised now, or a float format)
+        if check.get("float_val_acc") is not None:
+            base = check["float_val_acc"]
+        elif measured and ref.module is not None:
+            base = float((_torch_logits(ref.module, x).argmax(1) == y).mean())
+        else:
+            base = rec["metrics"].get("val_acc", float("nan"))
+    base = float(base)
+    drop = 100.0 * (base - acc)
+    limit, whence = drop_limit(picked.where if picked is not None else (), run.store.constraints, run.constraints)
+    over = drop > limit + 1e-9  # the boundary tolerance of `nas.objectives`
+    how = f"on {len(y)} validation samples" if measured or check.get("kind") == "accuracy" else "as recorded"
+    line = (f"val_acc {acc:.4f} {how} (the exported file); float base {base:.4f}: drop {drop:+.2f} pts "
+            f"({'over' if over else 'within'} the limit of {limit:g} pts: {whence})")
+    warning = (f"the exported model is {drop:.2f} points below its float base ({acc:.4f} vs {base:.4f}), "
+               f"over the limit of {limit:g} pts ({whence})") if over else None
+    return {"val_acc": acc, "base_val_acc": base, "acc_drop_pts": drop, "limit_pts": limit, "limit_from": whence,
+            "measured": measured, "line": line, "warning": warning}
 
 
 def _writable(out: Path) -> Path:
@@ -585,4 +669,4 @@ def exports_of(store: RunStore, trial: int) -> list[dict[str, Any]]:
     return list(store.study.user_attrs.get(f"{EXPORTS_ATTR}:{trial}", []))
 
 
-__all__ += ["exports_of", "ExportCheckError", "ExportError", "PolicyError"]
+__all__ += ["exports_of", "AccuracyDropError", "ExportCheckError", "ExportError", "PolicyError"]

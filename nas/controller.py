@@ -263,7 +263,9 @@ class SearchController:
         return False
 
     def finish(self, candidate: Candidate, result: TrialResult) -> None:
-        violation = self._violation(result.status, result.metrics, self.store.finish(candidate, result))
+        # a search with its own constraints has them judged and recorded with the row (compress.csv)
+        own = self.constraints if self._own_constraints else ()
+        violation = self._violation(result.status, result.metrics, self.store.finish(candidate, result, own))
         self.in_flight.pop(candidate.number, None)
         proposal = self._proposals.pop(candidate.number, candidate.genotype)
         self._counted += uses_evaluation(result.status, result.error)

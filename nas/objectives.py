@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from search_spaces.errors import ConfigError, UnknownNameError
 
 __all__ = [
+    "BOUNDARY_TOLERANCE",
     "KNOWN_METRICS",
     "Constraint",
     "Objective",
@@ -61,6 +62,14 @@ class Objective:
 
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+# Bounds are compared with this slack (relative to the bound, absolute below 1): a drop of
+# 100 * (0.75 - 0.747) is 0.30000000000000027 points, which `acc_drop<=0.3` must accept. A value
+# within it of the bound counts as equal: met by <= and >=, broken by < and >.
+BOUNDARY_TOLERANCE = 1e-9
+
+
+def _slack(bound: float) -> float:
+    return BOUNDARY_TOLERANCE * max(1.0, abs(bound))
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ class Constraint:
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return False  # unknown means "not shown to satisfy": never report it as feasible
+        slack = _slack(self.bound)
+        if abs(value - self.bound) <= slack:  # at the bound, up to float rounding
+            return self.op in ("<=", ">=")
         return bool(_OPS[self.op](value, self.bound))
 
     def __str__(self) -> str:
@@ -144,7 +156,9 @@ def excess(c: Constraint, metrics: Mapping[str, float]) -> float:
     v = metrics.get(c.metric)
     if v is None or not math.isfinite(v):
         return 1.0
-    return v - c.bound if c.op in ("<=", "<") else c.bound - v
+    over = v - c.bound if c.op in ("<=", "<") else c.bound - v
+    # met within the boundary tolerance: not past it (Optuna's slot reads > 0 as infeasible)
+    return min(over, 0.0) if c.satisfied(metrics) else over
 
 
 def violation_of(constraints: Sequence[Constraint], metrics: Mapping[str, float]) -> float:

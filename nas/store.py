@@ -166,12 +166,18 @@ class RunStore:
             self._open[number] = self._optuna.trial.Trial(self.study, frozen._trial_id)
         return self._open[number]
 
-    def finish(self, candidate: Candidate, result: TrialResult) -> float:
-        """Record the result; returns the summed constraint violation (0 = feasible)."""
+    def finish(
+        self, candidate: Candidate, result: TrialResult, constraints: Sequence[Constraint] = ()
+    ) -> float:
+        """Record the result; returns the summed constraint violation (0 = feasible).
+        ``constraints``: more than the run's (a policy search's own ``--constraint``): judged and
+        recorded with them, so the violation and the constraint texts in the record are the
+        ones the search was told."""
         opt = self._optuna
         trial = self._trial(candidate.number)
         violation = 0.0
-        for c in self.constraints:
+        judged = list(dict.fromkeys([*self.constraints, *constraints]))
+        for c in judged:
             over = excess(c, result.metrics)
             if not c.satisfied(result.metrics):  # strict bounds: at the bound is violated too
                 violation += max(over, 1e-12)
@@ -183,6 +189,8 @@ class RunStore:
         trial.set_user_attr("error", result.error)
         trial.set_user_attr("duration_s", result.duration_s)
         trial.set_user_attr("violation", violation)
+        if judged:  # the texts beside the number: a record says what it was judged against
+            trial.set_user_attr("constraints", [str(c) for c in judged])
         values = losses(self.objectives, result.metrics)
         if result.status == "complete" and values is not None:  # "rejected" and "failed": FAIL
             self.study.tell(trial, [result.metrics[o.metric] for o in self.objectives])
@@ -229,6 +237,8 @@ class RunStore:
                 "seed": a.get("seed"),
                 "duration_s": a.get("duration_s"),
                 "violation": a.get("violation"),
+                # what the violation was judged against, as --constraint takes it ("" when nothing)
+                "constraints": ",".join(a.get("constraints") or ()),
                 "error": a.get("error", ""),
                 "genotype": a.get("genotype"),
                 "policy": a.get("policy", ""),

@@ -151,7 +151,7 @@ def _show_compression(args: argparse.Namespace) -> int:
     from nas.search import driver_running
     from nas.store import RunStore
     from nas_run.compress_cmd import CompressProgress
-    from nas_run.progress import print_trials
+    from nas_run.progress import print_front, print_trials
 
     out = Path(args.dir)
     cfg = CompressConfig.from_mapping(json.loads((out / CONFIG_FILE).read_text()), source=str(out / CONFIG_FILE))
@@ -160,6 +160,7 @@ def _show_compression(args: argparse.Namespace) -> int:
     if args.all:
         print_trials(store)
     CompressProgress().summary(SimpleNamespace(out=out, table=store.dataframe))
+    print_front(store)
     if driver_running(out):
         print("a nas-run process is driving this run now")
     elif any(r["status"] == "running" for r in store.records()):

@@ -198,9 +198,14 @@ class CompressProgress:
         df["policy_text"] = df["policy"]
         df["policy"] = [Policy.from_json(p).label() for p in df["policy"]]
         df["arch"] = [str(g)[:8] for g in df["genotype_id"]]
+        # the constraints the trials were judged against (a policy search's --constraint), if any
+        judged = sorted({c for text in df.get("constraints", []) if isinstance(text, str) for c in text.split(",") if c})
         cols = [c for c in ("number", "status", "arch", "val_acc", "acc_drop", "params", "file_bytes",
-                            "zip_bytes", "onnx_latency_ms", "speedup", "size_ratio", "policy") if c in df.columns]
+                            "zip_bytes", "onnx_latency_ms", "speedup", "size_ratio", "violation", "policy")
+                if c in df.columns and (c != "violation" or judged)]
         print(f"\ncompression: {run.out}   trials: {df['status'].value_counts().to_dict()}", file=out)
+        if judged:  # what the violation column was judged against (> 0: broken)
+            print(f"constraints: {', '.join(judged)} (violation > 0: broken)", file=out)
         with_pd_options(lambda: print(df[cols].to_string(index=False, max_colwidth=60), file=out))
         for note in _notes(run.out, df):
             if not note.startswith("collapsed:"):  # said per trial below

@@ -25,7 +25,15 @@ def add_export_parser(sub: Any) -> None:
     )
     e.add_argument("dir", metavar="DIR", help="run folder (a search run, or a --model compression run)")
     e.add_argument("--trial", type=int, metavar="N",
-                   help="trial number as `nas-run show` prints it (default: the best on the primary objective)")
+                   help="trial number as `nas-run show` prints it (default: what --pick picks)")
+    e.add_argument("--pick", metavar="RULE",
+                   help="how to choose the trial without --trial, among architectures and compressed trials that "
+                   "meet the run's constraints: 'best' (default: the run's objectives in order), 'min METRIC', "
+                   "'max METRIC' or 'knee', optionally with 'where METRIC<=X, ...', "
+                   "e.g. 'min onnx_latency_ms where acc_drop<=0.5'")
+    e.add_argument("--strict", action="store_true",
+                   help="refuse (exit 2, nothing written) when the exported model's accuracy is further below its "
+                   "float base than the run's acc_drop constraint (default 1 point) allows; without it, a warning")
     e.add_argument("--policy", metavar="ID|LABEL",
                    help="a compressed variant of that trial: policy id (8 hex) or a piece of its label, e.g. structured")
     e.add_argument("--format", required=True, choices=FORMATS, help="what to write")
@@ -37,18 +45,25 @@ def export_command(args: argparse.Namespace) -> int:
     from compress.export_formats import ExportCheckError, sidecar_path
 
     try:
-        r = export_trial(args.dir, trial=args.trial, format=args.format, out=args.out, policy=args.policy)
+        # getattr: `search --export` calls this with the flags it has
+        r = export_trial(args.dir, trial=args.trial, format=args.format, out=args.out, policy=args.policy,
+                         pick=getattr(args, "pick", None), strict=getattr(args, "strict", False))
     except ExportCheckError as exc:
         print(f"nas-run: error: {exc}", file=sys.stderr)
         return 1  # the export itself is wrong, not the user's input
     opset = f", opset {r.opset}, dynamic batch axis" if r.opset is not None else ""
+    if r.picked:
+        print(r.picked)
     print(f"exported trial {r.trial} as {r.format}{opset}: {r.path}")
     if r.format == "safetensors":
         print(f"  sidecar: {sidecar_path(r.path)} (load with compress.load_model(path))")
     print(f"  genotype: {r.genotype}")
     print(f"  policy:   {r.policy_label}")
     print(f"  check:    passed: {r.check['summary']}")
+    print(f"  accuracy: {r.against_base['line']}")
     for note in r.notes:
         print(f"  note:     {note}")
     print(f"  recorded in the store of {args.dir} (study attribute exports:{r.trial})")
+    if r.warning:
+        print(f"warning: {r.warning} (--strict refuses such an export)")
     return 0

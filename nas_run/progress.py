@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["Progress", "format_metric", "print_trials"]
+__all__ = ["Progress", "constraints_text", "format_metric", "print_front", "print_trials"]
 
 
 def format_metric(name: str, value: float) -> str:
@@ -34,6 +34,35 @@ TRIAL_COLUMNS = (
     "genotype",
 )
 COMPRESSED_COLUMNS = ("onnx_latency_ms", "file_bytes", "trained")
+
+
+def constraints_text(store: Any) -> str:
+    """"; constraints: a<=1, b>=2" for a front's heading, "" for a run without any."""
+    texts = [str(c) for c in store.constraints]
+    return f"; constraints: {', '.join(texts)}" if texts else ""
+
+
+def print_front(store: Any, stream: Any = None) -> None:
+    """A compression run's feasible Pareto front (`RunStore.pareto`: constraint violations as
+    recorded), best primary first, with the drop against the float base and the policy by name
+    (what `nas-run show` prints for a `compress --model` folder)."""
+    out = stream or sys.stdout
+    front = store.pareto()
+    print(f"Pareto front ({', '.join(str(o) for o in store.objectives)}{constraints_text(store)}):", file=out)
+    if front.empty:
+        print("  (no completed feasible trial)", file=out)
+        return
+    wanted = ["number", *(o.metric for o in store.objectives), "acc_drop", "file_bytes", "speedup", "policy"]
+    cols = [c for c in dict.fromkeys(wanted) if c in front.columns]
+    shown = front[cols].copy()
+    if "policy" in shown.columns:
+        from compress.policy import Policy
+
+        shown["policy"] = [Policy.from_json(p).label() if isinstance(p, str) and p else "none" for p in shown["policy"]]
+    import pandas as pd
+
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 200):
+        print(shown.to_string(index=False, max_colwidth=90), file=out)
 
 
 def print_trials(store: Any, stream: Any = None) -> None:
@@ -129,7 +158,8 @@ class Progress:
             f"\nrun folder: {run.out}   trials: {counts} (of {run.config.trials} requested){extra}",
             file=self.stream,
         )
-        print(f"Pareto front ({', '.join(str(o) for o in run.store.objectives)}):", file=self.stream)
+        print(f"Pareto front ({', '.join(str(o) for o in run.store.objectives)}{constraints_text(run.store)}):",
+              file=self.stream)
         if front.empty:
             print("  (no completed feasible trial)", file=self.stream)
         else:

@@ -209,20 +209,20 @@ class CompressionEvaluator:
         data = self.data()
         retrained = False
         if genotype.space == USER_MODEL_SPACE:
-            from .user_model import load_user_model
+            from .user_model import FIXED_GRAPH, load_user_model
 
             user = load_user_model(str(self.model_spec), self.model_weights, data.input_shape, data.num_classes)
-            # BaseModel.kind is "eager" or "torchscript"; a builder's model is eager (user.kind "builder")
-            module, kind = user.module, ("torchscript" if user.kind == "torchscript" else "eager")
+            # BaseModel.kind is "eager" or "torchscript" (a fixed graph: TorchScript or pt2); a builder's model is eager
+            module, kind = user.module, ("torchscript" if user.kind in FIXED_GRAPH else "eager")
         else:
             trainer = self.trainer()
-            path = trainer.weights_path(genotype, self.train_epochs)
-            final = self.final_weights(genotype)
-            if final is not None:
-                path = final
+            path = self.base_weights(genotype)
             if path is not None and path.is_file():
                 from safetensors.torch import load_file
 
+                from nas.integrity import verify_file
+
+                verify_file(path, "weights")  # edited or truncated: one line, never compressed
                 module = trainer.search_space().build(genotype, data.input_shape, data.num_classes)
                 module.load_state_dict(load_file(str(path)), strict=True)
             else:  # a run from before weights were kept: train again, seeded as the search did
@@ -243,6 +243,21 @@ class CompressionEvaluator:
 
             deploy = reparameterize(copy.deepcopy(module).eval())
         return BaseModel(module, kind, retrained, deploy)
+
+    def base_weights(self, genotype: Genotype) -> Path | None:
+        """Where the trained, uncompressed model's weights are: the final-trained ones when there
+        are any, else the search trial's (None for a user's model; the file may not exist)."""
+        if genotype.space == USER_MODEL_SPACE:
+            return None
+        return self.final_weights(genotype) or self.trainer().weights_path(genotype, self.train_epochs)
+
+    def verify_base(self, genotype: Genotype) -> None:
+        """Check the kept weights against their digest before a compression run opens its store."""
+        from nas.integrity import verify_file
+
+        path = self.base_weights(genotype)
+        if path is not None and path.is_file():
+            verify_file(path, "weights")
 
     def final_weights(self, genotype: Genotype) -> Path | None:
         """The architecture's final-trained weights (`nas-run train`), if it has any."""
@@ -405,12 +420,15 @@ class CompressionEvaluator:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        from nas.integrity import write_digest
+
         if out.is_onnx:
             (tmp / "model.onnx").write_bytes(out.model.model_bytes)
+            write_digest(tmp / "model.onnx")
         else:
             from nas.training import save_weights
 
-            save_weights(out.model, tmp / "model.safetensors")
+            save_weights(out.model, tmp / "model.safetensors")  # with its digest
         (tmp / "policy.json").write_text(
             json.dumps(
                 {
@@ -427,6 +445,7 @@ class CompressionEvaluator:
                 indent=1,
             )
         )
+        write_digest(tmp / "policy.json")  # its records rebuild the model: checked like the weights
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

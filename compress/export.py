@@ -269,6 +269,8 @@ def _reference(run: _Run, rec: dict[str, Any], data: Dataset) -> _Reference:
     import torch
     from safetensors.torch import load_file
 
+    from nas.integrity import verify_file
+
     genotype = Genotype.from_str(rec["genotype"])
     shape, classes = tuple(data.input_shape), int(data.num_classes)
     base = {"genotype": rec["genotype"], "input_shape": shape, "num_classes": classes, "space": run.space,
@@ -284,6 +286,7 @@ def _reference(run: _Run, rec: dict[str, Any], data: Dataset) -> _Reference:
                 f"trial {rec['number']} has no trained weights ({path}): the run was made before weights were kept; "
                 f"re-run the search, or compress it (nas-run compress --run {run.dir}), which re-trains and keeps them"
             )
+        verify_file(path, "weights")  # an edited or truncated file is refused, not exported
         space = get_space(run.space, **run.space_options)
         module = space.build(space.from_str(rec["genotype"]), shape, classes)
         _load_weights(module, load_file(str(path)), path)
@@ -296,6 +299,7 @@ def _reference(run: _Run, rec: dict[str, Any], data: Dataset) -> _Reference:
     meta_path = folder / "policy.json"
     if not meta_path.is_file():
         raise ConfigError(f"trial {rec['number']}'s compressed model is missing ({folder}); run nas-run compress --resume {run.dir}")
+    verify_file(meta_path, "compressed model's records")
     kept = json.loads(meta_path.read_text())
     applied, records = _applied(run, policy, kept)
     builder = None
@@ -303,15 +307,22 @@ def _reference(run: _Run, rec: dict[str, Any], data: Dataset) -> _Reference:
         builder = run.model_spec
         if builder is None or ":" not in builder or Path(builder).is_file():
             builder = None  # a TorchScript file: no builder to rebuild from
-    spec = ModelSpec(**base, builder=builder, applied=applied.to_str(), records=tuple(records))
+    builder_sha = None
+    if builder is not None:  # stored resolvable from any folder: module path, or absolute file + SHA-256
+        from .user_model import portable_builder
+
+        builder, builder_sha = portable_builder(builder)
+    spec = ModelSpec(**base, builder=builder, applied=applied.to_str(), records=tuple(records), builder_sha256=builder_sha)
     if policy.terminal:
         onnx_path = folder / "model.onnx"
         if not onnx_path.is_file():
             raise ConfigError(f"trial {rec['number']}'s int8 model is missing ({onnx_path})")
+        verify_file(onnx_path, "compressed model")
         return _Reference(rec, spec, onnx=onnx_path.read_bytes(), float_val_acc=rec["metrics"].get("base_val_acc"))
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"trial {rec['number']}'s compressed weights are missing ({weights})")
+    verify_file(weights, "compressed weights")
     if run.space is None and builder is None:  # a user's TorchScript model: weights go into it
         from .user_model import load_user_model
 
@@ -593,7 +604,8 @@ def _check(loaded: Exported, ref: _Reference, q_bytes: bytes | None, data: Datas
                 "samples": int(len(x)), "summary": f"output shape {got.shape}, the model's {want.shape}"}
     diff = float(np.abs(got - want).max()) if len(x) else 0.0
     passed = bool(np.isfinite(diff) and diff <= TOLERANCE)
-    runtime = {"onnx": "ONNX Runtime", "torchscript": "TorchScript", "safetensors": "PyTorch (rebuilt)"}[loaded.format]
+    runtime = {"onnx": "ONNX Runtime", "pt2": "torch.export", "torchscript": "TorchScript",
+               "safetensors": "PyTorch (rebuilt)"}[loaded.format]
     summary = (f"max abs diff {diff:.2e} {'<=' if passed else '>'} {TOLERANCE:g} on {len(x)} validation samples "
                f"({runtime} vs the trial's model in PyTorch)")
     return {"passed": passed, "kind": "max_abs_diff", "max_abs_diff": diff, "tolerance": TOLERANCE,

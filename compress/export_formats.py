@@ -1,19 +1,22 @@
-"""Export formats: the deploy form of a model, writing it as ONNX / int8 ONNX / TorchScript /
-safetensors with its metadata, and loading an export back — checked, never silently wrong.
+"""Export formats: the deploy form of a model, writing it as ONNX / int8 ONNX / pt2 /
+TorchScript / safetensors with its metadata, and loading an export back — checked, never
+silently wrong.
 
 Every export carries the same metadata (plain JSON): genotype, search space and its resolved
 options (or the user's builder), input spec (shape, dtype, layout, the standardisation the
-model expects, class names), policy and per-pass records, the trial's metrics, and a SHA-256
-of the weights. Where it lives:
+model expects, class names), policy and per-pass records, the trial's metrics, and a manifest:
+SHA-256 hashes of the weights, the graph or code, and the metadata (`export_manifest`). Where
+it lives:
 
-| format | file | metadata | integrity hash |
-|---|---|---|---|
-| ``onnx``, ``onnx-int8`` | ``PATH`` (opset 17, input ``input`` ``(batch, *shape)``, batch dynamic) | ``metadata_props`` | SHA-256 of the serialised graph (``weights_sha256``) |
-| ``torchscript`` | ``PATH`` (``torch.jit.trace`` of the deploy model) | extra file ``nas_run.json`` | SHA-256 of the state dict |
-| ``safetensors`` | ``PATH`` (the deploy model's state dict) | sidecar ``PATH.json``; genotype also in the safetensors header | SHA-256 of the file |
+| format | file | metadata |
+|---|---|---|
+| ``onnx``, ``onnx-int8`` | ``PATH`` (opset 17, input ``input`` ``(batch, *shape)``, batch dynamic) | ``metadata_props`` |
+| ``pt2`` | ``PATH`` (``torch.export.export`` of the deploy model, batch dynamic; ``torch.export.save``) | extra file ``nas_run.json`` |
+| ``torchscript`` | ``PATH`` (``torch.jit.trace``; for runtimes older than torch.export: torch 2.13 deprecates it) | extra file ``nas_run.json`` |
+| ``safetensors`` | ``PATH`` (the deploy model's state dict) | sidecar ``PATH.json``; genotype also in the safetensors header |
 
-`load_export` checks the hash (a truncated or edited file is an `ExportError` naming the file),
-and for safetensors rebuilds the model without any pickle: genotype -> `SearchSpace.build` ->
+`load_export` checks the manifest (a truncated or edited file, or edited metadata, is an
+`ExportError` naming the file), and for safetensors rebuilds the model without any pickle: genotype -> `SearchSpace.build` ->
 `Policy.replay` of the applied policy's records (the compression stage's "merge" pass among
 them) -> the same deploy form -> the weights, after checking that the rebuilt state dict has exactly the file's keys and
 shapes and that the header's genotype is the sidecar's.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -40,6 +44,17 @@ from typing import TYPE_CHECKING, Any
 from search_spaces import Genotype, get_space
 
 from .errors import PolicyError
+from .export_manifest import EXTRA as TS_EXTRA
+from .export_manifest import (
+    SIDE_SUFFIX,
+    STR_KEYS,
+    ExportError,
+    check_export,
+    meta_sha256,
+    onnx_sha256,
+    zip_sha256,
+)
+from .export_manifest import one_line as _one_line
 from .passes.base import PassContext
 from .policy import Policy
 
@@ -63,20 +78,12 @@ __all__ = [
     "write_export",
 ]
 
-FORMATS = ("onnx", "onnx-int8", "torchscript", "safetensors")
-FORMAT_VERSION = 1
+FORMATS = ("onnx", "onnx-int8", "pt2", "torchscript", "safetensors")
+FORMAT_VERSION = 2  # 2: the manifest (weights, graph/code, metadata); 1 (weights only) still loads
 OPSET = 17  # compress.passes.int8.OPSET: the float and int8 exports share it
-TS_EXTRA = "nas_run.json"  # the TorchScript extra file holding the metadata
-SIDE_SUFFIX = ".json"  # safetensors sidecar: PATH + ".json"
 DEPLOY_STEPS = ["reparameterize", "fold_batchnorm"]
-# metadata keys whose values are plain strings in ONNX metadata_props (the others are JSON)
-_STR_KEYS = frozenset({"format", "producer", "genotype", "genotype_id", "space", "builder", "policy", "applied_policy",
-                       "policy_id", "policy_label", "stage", "run", "weights_sha256"})
-
-
-class ExportError(PolicyError):
-    """An export file that cannot be trusted: truncated, edited, or with a sidecar of another
-    model. The message names the file."""
+_STR_KEYS = STR_KEYS
+_noted_v1: set[str] = set()
 
 
 class ExportCheckError(ExportError):
@@ -102,6 +109,7 @@ class ModelSpec:
     builder: str | None = None
     applied: str = ""
     records: tuple[Mapping[str, Any], ...] = ()
+    builder_sha256: str | None = None  # the builder's source file when written (`user_model.portable_builder`)
 
     def build(self) -> nn.Module:
         """The structure of the compressed model (eval mode; weights are the builder's own): the
@@ -111,10 +119,11 @@ class ModelSpec:
             space = get_space(self.space, **dict(self.space_options))
             model = space.build(space.from_str(self.genotype), self.input_shape, self.num_classes)
         elif self.builder is not None:
-            from .user_model import load_user_model
+            from .user_model import check_builder, load_user_model
 
+            check_builder(self.builder, self.builder_sha256)  # a changed builder file: refused
             user = load_user_model(self.builder, None, self.input_shape, self.num_classes)
-            if user.kind == "torchscript":
+            if user.kind != "builder":
                 raise PolicyError(f"{self.builder!r} builds a TorchScript model: its structure cannot be rebuilt")
             model = user.module
         else:
@@ -135,6 +144,7 @@ class ModelSpec:
             "space": self.space,
             "space_options": _plain(dict(self.space_options)),
             "builder": self.builder,
+            "builder_sha256": self.builder_sha256,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
             "applied_policy": self.applied,
@@ -152,6 +162,7 @@ class ModelSpec:
             builder=d.get("builder"),
             applied=str(d.get("applied_policy") or ""),
             records=tuple(d.get("records") or ()),
+            builder_sha256=d.get("builder_sha256"),
         )
 
 
@@ -276,12 +287,14 @@ def _bn_slice(bn: Any, start: int, n: int) -> Any:
 
 def write_export(path: Path, fmt: str, meta: Mapping[str, Any], model: Any = None, onnx_bytes: bytes | None = None) -> dict[str, Any]:
     """Write ``model`` (a deploy-form torch module) or ``onnx_bytes`` as ``fmt`` at ``path``
-    with ``meta``; returns the metadata written (with ``weights_sha256`` filled in)."""
+    with ``meta``; returns the metadata written (with its ``manifest`` and ``weights_sha256``)."""
     meta = dict(meta, format=fmt, format_version=FORMAT_VERSION)
     if fmt in ("onnx", "onnx-int8"):
         return _write_onnx(path, onnx_bytes if onnx_bytes is not None else _float_onnx(model, meta), meta)
     if fmt == "torchscript":
         return _write_torchscript(path, model, meta)
+    if fmt == "pt2":
+        return _write_pt2(path, model, meta)
     if fmt == "safetensors":
         return _write_safetensors(path, model, meta)
     from search_spaces import UnknownNameError
@@ -300,15 +313,16 @@ def _write_onnx(path: Path, data: bytes, meta: dict[str, Any]) -> dict[str, Any]
 
     proto = onnx.load_from_string(data)
     meta["opset"] = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
-    meta["weights_sha256"] = _graph_sha256(proto)
     del proto.metadata_props[:]
+    proto.producer_name = "nas-run"
+    proto.doc_string = f"nas-run export of {meta.get('genotype')} (policy: {meta.get('policy_label') or 'none'})"
+    weights, graph = onnx_sha256(proto)
+    _seal(meta, weights, graph)
     for key, value in meta.items():
         if value is None and key in _STR_KEYS:
             continue  # absent on load, as None
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if key in _STR_KEYS and isinstance(value, str) else json.dumps(value)
-    proto.producer_name = "nas-run"
-    proto.doc_string = f"nas-run export of {meta.get('genotype')} (policy: {meta.get('policy_label') or 'none'})"
     path.write_bytes(proto.SerializeToString())
     return meta
 
@@ -323,9 +337,49 @@ def _write_torchscript(path: Path, model: Any, meta: dict[str, Any]) -> dict[str
             traced = model
         else:
             traced = torch.jit.trace(model.eval(), (x,), check_trace=False)
-        meta["weights_sha256"] = _state_sha256(traced.state_dict())
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        _seal(meta, *zip_sha256(buf))
         torch.jit.save(traced, str(path), _extra_files={TS_EXTRA: json.dumps(meta)})
+    _same_archive(path, meta)
     return meta
+
+
+def _write_pt2(path: Path, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """torch.export's ExportedProgram of the deploy model, batch dimension dynamic."""
+    import torch
+
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PolicyError("a TorchScript model cannot be exported as pt2 (torch.export needs a Python module); use torchscript or onnx")
+    x = torch.zeros((2, *meta["input_shape"]))  # batch 2: torch.export specialises a batch of 1
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds (UserError, guards, unsupported ops)
+        raise PolicyError(f"torch.export cannot export this model: {_one_line(exc)}; use onnx or torchscript") from None
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    _seal(meta, *zip_sha256(buf))
+    with open(path, "wb") as f:  # a file object: torch.export wants a name ending .pt2, a temporary has none
+        torch.export.save(program, f, extra_files={TS_EXTRA: json.dumps(meta)})
+    _same_archive(path, meta)
+    return meta
+
+
+def _seal(meta: dict[str, Any], weights: str, graph: str | None) -> None:
+    """The manifest, last: it hashes the metadata as it is written."""
+    meta["weights_sha256"] = weights
+    meta.pop("manifest", None)
+    manifest = {"weights_sha256": weights} | ({"graph_sha256": graph} if graph is not None else {})
+    meta["manifest"] = manifest | {"metadata_sha256": meta_sha256(meta)}
+
+
+def _same_archive(path: Path, meta: Mapping[str, Any]) -> None:
+    # the hashes came from a first save without the metadata: the file must hold the same records
+    if zip_sha256(path) != (meta["manifest"]["weights_sha256"], meta["manifest"]["graph_sha256"]):
+        raise ExportError(f"{str(path)!r}: two saves of one model differ; its manifest cannot be trusted")
 
 
 def _write_safetensors(path: Path, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -337,7 +391,7 @@ def _write_safetensors(path: Path, model: Any, meta: dict[str, Any]) -> dict[str
     header = {"format": "nas-run", "format_version": str(FORMAT_VERSION), "genotype": str(meta["genotype"]),
               "policy_id": str(meta.get("policy_id", "none"))}
     save_file(state, str(path), metadata=header)
-    meta["weights_sha256"] = _file_sha256(path)
+    _seal(meta, _file_sha256(path), None)
     sidecar_path(path).write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -391,44 +445,35 @@ def load_model(path: str | os.PathLike[str]) -> Any:
 
 def load_export(path: str | os.PathLike[str], threads: int | None = None) -> Exported:
     """Load and verify an export (format from its content; see the module docstring). A missing,
-    truncated or edited file, or a sidecar that does not belong to the weights, is an
-    `ExportError` naming the file."""
+    truncated or edited file, edited metadata, or a sidecar that does not belong to the weights,
+    is an `ExportError` naming the file; nothing is loaded before the manifest is checked."""
     p = Path(path)
-    if not p.is_file():
-        raise ExportError(f"no export file at {str(p)!r}")
-    fmt = _sniff(p)
+    check = check_export(p)
+    check.raise_if_bad()
+    meta = check.metadata
+    if check.version < FORMAT_VERSION and str(p.resolve()) not in _noted_v1:
+        from nas import integrity
+
+        _noted_v1.add(str(p.resolve()))
+        integrity.on_note(f"{str(p)!r} is a format-1 export (before manifests): its weights are checked, "
+                          "its metadata and code are not; export it again to seal them")
+    fmt = check.format
     if fmt == "torchscript":
-        return _load_torchscript(p)
+        return _load_torchscript(p, meta, check.version)
+    if fmt == "pt2":
+        return _load_pt2(p, meta)
     if fmt == "safetensors":
-        return _load_safetensors(p)
-    return _load_onnx(p, threads)
+        return _load_safetensors(p, meta)
+    return _load_onnx(p, meta, threads)
 
 
 def _sniff(p: Path) -> str:
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":  # a zip archive: TorchScript
-        return "torchscript"
-    if len(head) == 9 and head[8:9] == b"{" and p.suffix != ".onnx":  # u64 header size, then JSON
-        return "safetensors"
-    return "onnx"
+    from .export_manifest import sniff
+
+    return sniff(p)
 
 
-def _load_onnx(p: Path, threads: int | None) -> Exported:
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        proto = onnx.load(str(p))
-    except (DecodeError, ValueError, OSError) as exc:
-        raise ExportError(f"{str(p)!r} is not a readable ONNX model (truncated or corrupted?): {_one_line(exc)}") from None
-    props = {e.key: e.value for e in proto.metadata_props}
-    if "weights_sha256" not in props or "genotype" not in props:
-        raise ExportError(f"{str(p)!r} is an ONNX model but not a nas-run export (no nas-run metadata)")
-    meta = {k: (v if k in _STR_KEYS else _json(v, p)) for k, v in props.items()}
-    _check_version(meta, p)
-    if _graph_sha256(proto) != meta["weights_sha256"]:
-        raise ExportError(f"{str(p)!r}: its graph or weights were modified after export (SHA-256 differs from its metadata)")
+def _load_onnx(p: Path, meta: dict[str, Any], threads: int | None) -> Exported:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -441,38 +486,38 @@ def _load_onnx(p: Path, threads: int | None) -> Exported:
     return Exported(p, str(meta["format"]), sess, meta)
 
 
-def _load_torchscript(p: Path) -> Exported:
+def _load_torchscript(p: Path, meta: dict[str, Any], version: int) -> Exported:
     import torch
 
-    extra = {TS_EXTRA: ""}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+            warnings.simplefilter("ignore")  # torch 2.13 deprecates torch.jit
+            module = torch.jit.load(str(p), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - a bad zip, a truncated archive, a missing record
         raise ExportError(f"{str(p)!r} is not a readable TorchScript file (truncated or corrupted?): {_one_line(exc)}") from None
-    if not extra[TS_EXTRA]:
-        raise ExportError(f"{str(p)!r} is a TorchScript file but not a nas-run export (no {TS_EXTRA})")
-    meta = _json(extra[TS_EXTRA], p)
-    _check_version(meta, p)
-    if _state_sha256(module.state_dict()) != meta.get("weights_sha256"):
+    if version == 1 and _state_sha256(module.state_dict()) != meta.get("weights_sha256"):
         raise ExportError(f"{str(p)!r}: its weights were modified after export (SHA-256 differs from its metadata)")
     return Exported(p, "torchscript", module.eval(), meta)
 
 
-def _load_safetensors(p: Path) -> Exported:
+def _load_pt2(p: Path, meta: dict[str, Any]) -> Exported:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(p, "rb") as f:  # any file name (torch.export warns on one not ending .pt2)
+                module = torch.export.load(f).module()
+    except Exception as exc:  # noqa: BLE001 - a bad archive, an unknown op or opset
+        raise ExportError(f"{str(p)!r} is not a readable torch.export (pt2) file: {_one_line(exc)}") from None
+    return Exported(p, "pt2", module, meta)
+
+
+def _load_safetensors(p: Path, meta: dict[str, Any]) -> Exported:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    side = sidecar_path(p)
-    if not side.is_file():
-        raise ExportError(f"{str(p)!r} has no sidecar {side.name!r}: a nas-run safetensors export is the pair")
-    meta = _json(side.read_text(), side)
-    _check_version(meta, side)
-    if _file_sha256(p) != meta.get("weights_sha256"):
-        raise ExportError(
-            f"{str(p)!r} does not match its sidecar {side.name!r} (SHA-256 differs: truncated, modified, or another model's sidecar)"
-        )
+    side = sidecar_path(p)  # its weights' hash and the manifest are checked (`check_export`)
     try:
         with safe_open(str(p), "pt") as f:
             header = f.metadata() or {}
@@ -505,21 +550,6 @@ def _load_safetensors(p: Path) -> Exported:
 # helpers
 
 
-def _check_version(meta: Any, p: Path) -> None:
-    if not isinstance(meta, dict):
-        raise ExportError(f"{str(p)!r}: its nas-run metadata is not a JSON object")
-    v = meta.get("format_version")
-    if v != FORMAT_VERSION:
-        raise ExportError(f"{str(p)!r}: export format version {v!r}; this nas-run reads version {FORMAT_VERSION}")
-
-
-def _json(text: str, p: Path) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{str(p)!r}: its nas-run metadata is not valid JSON: {exc}") from None
-
-
 def _graph_sha256(proto: Any) -> str:
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
@@ -542,11 +572,6 @@ def _file_sha256(p: Path) -> str:
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple | set) else str(v)))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def copy_module(model: Any) -> Any:

@@ -388,7 +388,7 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         cfg, evaluator = cfg.replace(loss=loss), dataclasses.replace(evaluator, loss=loss)
     # pre-flight on the real model: layer names, data shape, TorchScript limits
     if cfg.model is not None:
-        from .user_model import check_input, load_user_model
+        from .user_model import FIXED_GRAPH, check_input, load_user_model
 
         user = load_user_model(cfg.model, cfg.weights, data.input_shape, data.num_classes)
         width = check_input(user.module, data)
@@ -401,12 +401,12 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
 
         check_task(evaluator.task(), user.module, data)  # the loss and metric run on a batch, now
         target = user.module
-        if user.kind == "torchscript" and (cfg.nni_config or any(needs_eager(p) for p in policies)):
+        if user.kind in FIXED_GRAPH and (cfg.nni_config or any(needs_eager(p) for p in policies)):
             from .onnx_to_torch import to_eager
 
             target = to_eager(user.module, tuple(data.input_shape))  # an unknown op: one line, now
         for pol in policies:
-            if user.kind != "torchscript" or needs_eager(pol):
+            if user.kind not in FIXED_GRAPH or needs_eager(pol):
                 check_policy(pol, target)
         architectures = [user_genotype(user.sha1)]
     else:
@@ -418,6 +418,8 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
         trained = [parse(r["genotype"]) for r in store_ro.records() if r["stage"] == "train" and r["status"] == "complete"]
         trained = [g for g in dict.fromkeys(trained) if evaluator.final_weights(g) is not None]
         architectures = (trained + [g for g in architectures if g not in trained])[: max(cfg.top_k, len(trained))]
+        for g in architectures:  # a tampered or truncated weights file: one line before the store opens
+            evaluator.verify_base(g)
         for g in trained:
             print(f"compressing {g.id} from its final-trained weights (nas-run train): {evaluator.final_weights(g)}")
         probe = evaluator.trainer()

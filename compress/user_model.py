@@ -1,6 +1,9 @@
 """A user's own model, to compress: a TorchScript file, or a builder plus a state dict.
 
-Two ways to hand one over (``nas-run compress --model SPEC [--weights FILE]``):
+Three ways to hand one over (``nas-run compress --model SPEC [--weights FILE]``):
+
+- ``SPEC`` = a ``.pt2`` file (``torch.export.save`` of an ExportedProgram), loaded with
+  ``torch.export.load(...).module()``: a fixed graph like TorchScript (``kind == "pt2"``).
 
 - ``SPEC`` = a TorchScript file (``torch.jit.save``; ``.pt``/``.pth``/``.ts``), loaded with
   ``torch.jit.load``. TorchScript fixes the module structure: its weights can be read, changed in
@@ -13,7 +16,8 @@ Two ways to hand one over (``nas-run compress --model SPEC [--weights FILE]``):
   keywords. ``--weights`` is a state dict: ``.safetensors``, or ``.pt``/``.pth`` read with
   ``torch.load(weights_only=True)`` (tensors only: nothing is unpickled), loaded ``strict``.
 
-Nothing here writes to the user's files. ``UserModel.sha1`` hashes the file(s) the model came
+A nas-run export (TorchScript or pt2) is checked against its manifest first: an edited file is
+refused (`compress.export_manifest`). Nothing here writes to the user's files. ``UserModel.sha1`` hashes the file(s) the model came
 from (the TorchScript file; the builder's source file, callable, keywords and the weights) and
 is the model's identity in results. Every bad input is a `PolicyError` naming the file or
 callable, so the CLI prints one line.
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import sys
+import types
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +47,10 @@ if TYPE_CHECKING:
 
     from nas.data import Dataset
 
-__all__ = ["UserModel", "check_input", "load_user_model", "require_eager"]
+__all__ = ["FIXED_GRAPH", "UserModel", "check_builder", "check_input", "load_user_model", "portable_builder",
+           "require_eager"]
+
+FIXED_GRAPH = ("torchscript", "pt2")  # kinds whose layers cannot be replaced (only int8 / evaluation)
 
 _IDENT = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -52,7 +60,7 @@ class UserModel:
     module: torch.nn.Module  # in eval mode, on the CPU
     spec: str
     weights: str | None
-    kind: str  # "torchscript" | "builder"
+    kind: str  # "torchscript" | "pt2" | "builder"
     sha1: str
 
 
@@ -79,9 +87,10 @@ def load_user_model(
                 else ""
             )
             raise PolicyError(f"model file not found: {spec!r}{hint}")
-        module = _load_torchscript(path)
-        kind = "torchscript"
-        h.update(b"torchscript\0" + _file_sha1(path).encode())
+        _check_if_export(path)
+        kind = "pt2" if _is_pt2(path) else "torchscript"
+        module = _load_pt2(path) if kind == "pt2" else _load_torchscript(path)
+        h.update(kind.encode() + b"\0" + _file_sha1(path).encode())
     else:
         target, attr = builder
         fn, source = _import_callable(spec, target, attr)
@@ -113,9 +122,9 @@ def require_eager(model: UserModel | torch.nn.Module | Any, pass_name: str) -> N
         module, kind = getattr(model, "module", None), getattr(model, "kind", None)
     else:
         module, kind = model, None
-    if kind == "torchscript" or _is_script(module):
+    if kind in FIXED_GRAPH or _is_script(module):
         raise PolicyError(
-            f"pass {pass_name!r}: a TorchScript model can only be quantized (int8) or evaluated; "
+            f"pass {pass_name!r}: a TorchScript or pt2 model can only be quantized (int8) or evaluated; "
             f"give a builder + state dict to prune it (--model package.module:callable --weights FILE)"
         )
 
@@ -284,7 +293,107 @@ def _call_builder(spec: str, attr: str, fn: Any, kwargs: dict[str, Any]) -> torc
     return module.cpu()
 
 
+# -- portable builder paths ----------------------------------------------------------------------
+def portable_builder(spec: str) -> tuple[str, str | None]:
+    """A builder as an export stores it, resolvable from any folder: a module path as given (with
+    its source file's SHA-256, for a note when it changed), a file builder as its absolute path
+    with the file's SHA-256 (`check_builder` refuses a changed file)."""
+    builder = _parse_builder(spec)
+    if builder is None:
+        return spec, None
+    target, attr = builder
+    if _is_file_target(target):
+        path = Path(target).expanduser().resolve()
+        return f"{path}:{attr}", _file_sha256(path) if path.is_file() else None
+    found = _source_of(target)
+    return spec, _file_sha256(found) if found else None
+
+
+def check_builder(spec: str, sha256: str | None) -> None:
+    """Before a stored builder rebuilds a model: a file builder whose source changed since it was
+    stored is refused (the structure may differ); a module's is noted (packages are upgraded)."""
+    builder = _parse_builder(spec) if sha256 else None
+    if builder is None:
+        return
+    target, _ = builder
+    path = Path(target).expanduser() if _is_file_target(target) else _source_of(target)
+    if path is None or not path.is_file():
+        if _is_file_target(target):
+            raise PolicyError(f"builder file {target!r} not found (the export names it by its absolute path)")
+        return
+    if _file_sha256(path) == sha256:
+        return
+    if _is_file_target(target):
+        raise PolicyError(
+            f"builder file {str(path)!r} changed since the export was written (SHA-256 differs): the model it "
+            f"builds may not be the exported one; restore it or export again"
+        )
+    from nas import integrity
+
+    integrity.on_note(f"builder module {target!r} changed since the export was written ({path}); rebuilt from today's code")
+
+
+def _source_of(module: str) -> Path | None:
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found is not None and found.origin and found.origin.endswith(".py") else None
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 # -- files ---------------------------------------------------------------------------------------
+def _check_if_export(path: Path) -> None:
+    """A nas-run export (its metadata in the archive) is checked against its manifest first."""
+    names = _zip_names(path)
+    if names is not None and any(n.split("/", 1)[-1] == "extra/nas_run.json" for n in names):
+        from .export_manifest import check_export
+
+        check_export(path).raise_if_bad()
+
+
+def _is_pt2(path: Path) -> bool:
+    names = _zip_names(path)
+    if names is None:
+        return path.suffix.lower() == ".pt2"
+    return any(n.split("/", 1)[-1] in ("archive_format", "models/model.json") for n in names)
+
+
+def _load_pt2(path: Path) -> torch.nn.Module:
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(path, "rb") as f:  # any file name (torch.export warns on one not ending .pt2)
+                module = torch.export.load(f).module()
+    except Exception as exc:
+        if _looks_truncated(path) or _zip_names(path) is None:
+            raise PolicyError(f"model {str(path)!r}: truncated or corrupted (not a readable pt2 archive)") from None
+        raise PolicyError(f"model {str(path)!r}: not a torch.export file (torch.export.load: {_one_line(exc)})") from None
+    # an exported graph refuses .train()/.eval() (its mode was fixed at export); the passes and
+    # fine-tuning call them, so they only set the flag here
+    module.train = types.MethodType(_set_mode, module)
+    module.eval = types.MethodType(_set_eval, module)
+    return module
+
+
+def _set_eval(self: torch.nn.Module) -> torch.nn.Module:
+    return _set_mode(self, False)
+
+
+def _set_mode(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    for m in self.modules():
+        m.training = mode
+    return self
+
+
 def _load_torchscript(path: Path) -> torch.nn.Module:
     import torch
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from search_spaces import ConfigError, Genotype
 
+from .integrity import replace_with_digest, verify_file
+
 if TYPE_CHECKING:
     from .store import RunStore
     from .trainer import Trainer
@@ -137,8 +139,9 @@ def train_final(
         target = out / TRAINED_DIR / f"{g.id}.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
+        verify_file(best.weights, "final weights")  # copied only as written
         tmp.write_bytes(best.weights.read_bytes())
-        os.replace(tmp, target)
+        replace_with_digest(tmp, target)
         return results
     finally:
         lock.close()
@@ -186,6 +189,8 @@ def _open_trial(
             f"{folder.name} has a checkpoint from an earlier, unfinished train ({folder / 'checkpoint.safetensors'}): "
             "pass --resume to continue it"
         )
+    if (folder / "checkpoint.safetensors").is_file():  # checked before the store is touched
+        verify_file(folder / "checkpoint.safetensors", "checkpoint")
     running = [r for r in rows if r["status"] == "running"]
     if running and resume:
         return running[-1]["number"], folder
@@ -252,13 +257,14 @@ def _write_checkpoint(path: Path, trainer: Trainer) -> None:
         str(tmp),
         metadata={"nas_run_train_state": json.dumps(rest)},
     )
-    os.replace(tmp, path)
+    replace_with_digest(tmp, path)  # the sidecar names the old and new file while it is swapped
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    verify_file(path, "checkpoint")  # an edited or truncated checkpoint: one line, nothing resumed
     try:
         with safe_open(str(path), framework="pt") as fh:
             rest = json.loads((fh.metadata() or {})["nas_run_train_state"])

@@ -9,7 +9,6 @@ report), so a search never selects on the test split.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,16 +234,19 @@ class TrainingEvaluator:
 
 def save_weights(model: nn.Module, path: Path, drop_prefixes: tuple[str, ...] = ()) -> None:
     """The model's state dict as safetensors, written atomically (a killed trial leaves no
-    half file that a later compression would read). ``drop_prefixes``: training-only parts (an
-    auxiliary head) that the deployed model, built without them, does not hold."""
+    half file that a later compression would read), its SHA-256 in ``PATH.sha256`` (`nas.integrity`:
+    checked before anything reads it). ``drop_prefixes``: training-only parts (an auxiliary head)
+    that the deployed model, built without them, does not hold."""
     from safetensors.torch import save_file
+
+    from .integrity import replace_with_digest
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(drop_prefixes)}
     # contiguous clones: safetensors refuses views that share storage
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    replace_with_digest(tmp, path)
 
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The `nas-run` command line: `search`, `train`, `compress`, `report`, `export`, `show` and `list`.
+"""The `nas-run` command line: `search`, `train`, `compress`, `report`, `export`, `verify`, `show` and `list`.
 
 User errors (`NasRunError`: a typo in a name, a bad genotype, a broken data set or config) are
 printed as one line and exit with code 2, never with a traceback.
@@ -100,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .export_cmd import add_export_parser
     from .report_cmd import add_report_parser
     from .train_cmd import add_train_parser
+    from .verify_cmd import add_verify_parser
 
     add_train_parser(sub)
     add_compress_parser(sub)
     add_report_parser(sub)
     add_export_parser(sub)
+    add_verify_parser(sub)
     return parser
 
 
@@ -334,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .report_cmd import report_command
 
             return report_command(args)
+        if args.command == "verify":
+            from .verify_cmd import verify_command
+
+            return verify_command(args)
         if args.command == "export":
             from .export_cmd import export_command
 

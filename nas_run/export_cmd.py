@@ -15,7 +15,7 @@ def add_export_parser(sub: Any) -> None:
 
     e = sub.add_parser(
         "export",
-        help="export a trial as ONNX, int8 ONNX, TorchScript or safetensors (loaded back and checked)",
+        help="export a trial as ONNX, int8 ONNX, pt2 (torch.export), TorchScript (older runtimes) or safetensors, loaded back and checked",
         description=(
             "Export one trial of a run folder in its deploy form (re-parameterisation branches merged, "
             "BatchNorm folded), with its genotype, policy, metrics and input spec. The file is loaded back "

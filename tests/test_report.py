@@ -84,7 +84,7 @@ def test_report_of_a_real_run_writes_page_pngs_csv_and_parquet(real_run, capsys)
     assert json.loads(pq.history[0])[0]["epoch"] == 1.0  # per-epoch history kept
     f = figs(html)
     assert {
-        "plot-latency_ms",
+        "plot-torch_latency_ms",
         "plot-params",
         "plot-flops",
         "plot-size_bytes",

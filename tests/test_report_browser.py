@@ -38,7 +38,7 @@ FLAGS = (
     "--disable-sync",
     "--hide-scrollbars",
 )
-SCATTERS = ("latency_ms", "ort_latency_ms", "params", "flops", "size_bytes")
+SCATTERS = ("torch_latency_ms", "ort_latency_ms", "params", "flops", "size_bytes")
 
 
 def chromium_path() -> str:

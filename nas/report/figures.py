@@ -5,6 +5,10 @@ A scatter plot is a list of `Group`s. Every trial with finite coordinates lies i
 group of role ``points`` (the browser test counts them); ``front`` groups mark the run's Pareto
 front over its objectives again, on top; ``step`` groups are the 2-D front in the plot's own
 plane (a staircase); ``link`` groups join each architecture to its compressed variants.
+
+No marker hides another: architectures are the only filled markers and are drawn first; compressed
+variants (an int8 model has its float model's parameters, so it sits exactly on its architecture),
+violators and the front's stars are hollow outlines on top. Each latency axis holds one runtime.
 """
 
 from __future__ import annotations
@@ -17,17 +21,34 @@ import numpy as np
 
 from ..objectives import Objective
 from .runs import LOG_METRICS, RunData, hypervolume_curve, reference_point
+from .units import human
 
-__all__ = ["AXES", "Group", "axes_for", "curve_series", "hv_series", "scatter_groups", "top_candidates"]
+__all__ = [
+    "AXES",
+    "NAMES",
+    "Group",
+    "axes_for",
+    "curve_series",
+    "hv_series",
+    "scatter_groups",
+    "top_candidates",
+]
 
-# (column, axis title); a plot is drawn for each column some trial measured
+# (column, axis title); a plot is drawn for each column some trial measured. One runtime per
+# latency axis: PyTorch's (`torch_latency_ms`, int8 models have none) and ONNX Runtime's
 AXES: tuple[tuple[str, str], ...] = (
-    ("latency_ms", "latency, ms (PyTorch CPU, batch 1, 1 thread; int8: ONNX Runtime)"),
-    ("ort_latency_ms", "latency in ONNX Runtime, ms (batch 1, 1 thread)"),
-    ("params", "parameters"),
-    ("flops", "FLOPs"),
-    ("size_bytes", "model size, bytes (ONNX file; architectures not exported: params x 4, float32)"),
+    ("torch_latency_ms", "latency in PyTorch, ms (CPU, batch 1, 1 thread)"),
+    ("ort_latency_ms", "latency in ONNX Runtime, ms (CPU, batch 1, 1 thread)"),
+    ("params", "parameters (k = thousand, M = million)"),
+    ("flops", "FLOPs (M = million, G = billion)"),
+    ("size_bytes", "model size, bytes (ONNX file; not exported: params x 4 B, float32; kB = 1000 B)"),
 )
+# metric -> its name for people (hover lines, plot titles)
+NAMES = {
+    "test_acc": "test_acc", "params": "params", "flops": "FLOPs", "torch_latency_ms": "PyTorch latency",
+    "ort_latency_ms": "ONNX Runtime latency", "size_bytes": "size", "acc_drop": "accuracy drop",
+    "speedup": "speedup (ORT)",
+}  # fmt: skip
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 POLICY_PALETTE = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 FRONT_COLOR, VIOLATOR_COLOR, PARTIAL_COLOR = "#ffbf00", "#d62728", "#9e9e9e"
@@ -67,23 +88,18 @@ def log_axis(runs: list[RunData], metric: str) -> bool:
     return len(vals) > 1 and vals.max() / vals.min() > 30
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "-"
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-    return str(v)
-
-
 def hover(row: dict[str, Any], x: str, y: str) -> str:
+    """The point's hover text: what it is, then its metrics in human units (``12.3k``, ``1.2 MB``)."""
     head = f"{row['run']} #{row['number']} {row['kind']} ({row['status']})"
     lines = [head, f"{row['genotype_id']}  policy: {row['policy_label']}"]
-    for k in dict.fromkeys([y, x, "test_acc", "params", "latency_ms", "size_bytes", "acc_drop", "speedup"]):
+    keys = [y, x, "test_acc", "params", "flops", "torch_latency_ms", "ort_latency_ms", "size_bytes", "acc_drop",
+            "speedup"]  # fmt: skip
+    for k in dict.fromkeys(keys):
         if k in row and isinstance(row[k], float) and math.isfinite(row[k]):
             extra = f" ({row['size_source']})" if k == "size_bytes" and row.get("size_source") else ""
-            lines.append(f"{k} = {_fmt(row[k])}{extra}")
+            lines.append(f"{NAMES.get(k, k)} = {human(row[k], k)}{extra}")
     if row.get("violation", 0) > 0:
-        lines.append(f"violates a constraint by {_fmt(row['violation'])}")
+        lines.append(f"violates a constraint by {human(row['violation'])}")
     return "<br>".join(lines)
 
 
@@ -115,6 +131,7 @@ def scatter_groups(runs: list[RunData], x: str, y: str | None = None) -> list[Gr
             color=color if compare else VIOLATOR_COLOR,
             symbol="x",
             size=9,
+            open=True,
         )
         part = Group(f"{prefix}failed / stopped (last metrics)", "points", color=PARTIAL_COLOR, open=True)
         front = Group(
@@ -123,6 +140,7 @@ def scatter_groups(runs: list[RunData], x: str, y: str | None = None) -> list[Gr
             color=FRONT_COLOR if not compare else color,
             symbol="star",
             size=15,
+            open=True,  # the trial's own marker shows through the star
         )
         by_number = {r["number"]: r for r in rows}
         for r in rows:
@@ -141,6 +159,8 @@ def scatter_groups(runs: list[RunData], x: str, y: str | None = None) -> list[Gr
                         "points",
                         color=c,
                         symbol="diamond",
+                        size=11,  # around the architecture dot it may sit on (int8: same params)
+                        open=True,
                     )
                 g = comp[label]
             elif x == "size_bytes" and r["size_source"] == "params x 4":

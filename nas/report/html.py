@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .arch_draw import draw_architecture
+from .banners import banners
 from .figures import (
+    NAMES,
     Group,
     axes_for,
     curve_series,
@@ -29,12 +31,13 @@ from .figures import (
     y_metric,
 )
 from .runs import RunData
+from .units import human, label, unit_of
 
 __all__ = ["write_html", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = (
     "run", "number", "status", "kind", "strategy", "genotype_id", "policy_label", "val_acc", "test_acc",
-    "params", "flops", "latency_ms", "ort_latency_ms", "size_bytes", "size_source", "acc_drop", "speedup",
+    "params", "flops", "torch_latency_ms", "ort_latency_ms", "size_bytes", "size_source", "acc_drop", "speedup",
     "violation", "on_front", "epochs", "duration_s", "error", "genotype",
 )  # fmt: skip
 PLOT_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png"}}
@@ -86,20 +89,20 @@ _JS = r"""
   const filter = document.getElementById('trial-filter'), status = document.getElementById('trial-status');
   const shown = document.getElementById('trial-count');
   let key = data.columns.indexOf('number'), asc = true;
-  function cell(v){ if (v === null) return ''; if (typeof v === 'number' && !Number.isInteger(v))
-    return Math.abs(v) >= 1e4 ? v.toExponential(3) : v.toPrecision(4); return String(v); }
+  // cells show the page's human text (12.3k, 1.2 MB, 0.8 points); sorting uses the numbers
+  const items = data.rows.map((r, i) => ({r: r, s: data.shown[i]}));
   function draw(){
     const words = filter.value.toLowerCase().split(/\s+/).filter(Boolean), st = status.value;
-    const rows = data.rows.filter(r => (!st || r[data.columns.indexOf('status')] === st) &&
-      words.every(w => r.some(v => v !== null && String(v).toLowerCase().includes(w))));
-    rows.sort((a, b) => { const x = a[key], y = b[key];
+    const rows = items.filter(it => (!st || it.r[data.columns.indexOf('status')] === st) &&
+      words.every(w => it.s.some(v => v.toLowerCase().includes(w))));
+    rows.sort((p, q) => { const a = p.r, b = q.r, x = a[key], y = b[key];
       if (x === y) return 0; if (x === null) return 1; if (y === null) return -1;
       const c = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
       return asc ? c : -c; });
     tbody.innerHTML = '';
     const front = data.columns.indexOf('on_front');
-    for (const r of rows) { const tr = document.createElement('tr'); if (r[front]) tr.className = 'front';
-      r.forEach(v => { const td = document.createElement('td'); td.textContent = cell(v);
+    for (const it of rows) { const r = it.r, tr = document.createElement('tr'); if (r[front]) tr.className = 'front';
+      r.forEach((v, i) => { const td = document.createElement('td'); td.textContent = it.s[i];
         if (typeof v === 'string' && v.length > 30) td.title = v;
         if (typeof v === 'number') td.className = 'num'; tr.appendChild(td); });
       tbody.appendChild(tr); }
@@ -140,21 +143,38 @@ def _trace(g: Group) -> dict[str, Any]:
         return {"type": "scatter", "mode": "lines", "x": g.x, "y": g.y, "name": g.name, "meta": g.role,
                 "line": line, "hoverinfo": "skip", "connectgaps": False}  # fmt: skip
     symbol = g.symbol + ("-open" if g.open else "")
-    marker = {"color": g.color, "symbol": symbol, "size": g.size, "line": {"width": 1 if g.role == "front" else 0.5,
-              "color": "#000" if g.role == "front" else "#fff"}}  # fmt: skip
-    if g.role == "front":
-        marker["opacity"] = 0.9
+    # an open marker's outline is its colour (Plotly), 2 px so it reads over a dot; filled dots
+    # get a white rim and some transparency, so dots on one spot stay countable
+    line = {"width": 2 if g.role == "front" else 1.5} if g.open else {"width": 0.5, "color": "#fff"}
+    marker = {"color": g.color, "symbol": symbol, "size": g.size, "line": line}
+    if not g.open:
+        marker["opacity"] = 0.85
     return {"type": "scatter", "mode": "markers", "x": g.x, "y": g.y, "name": g.name, "meta": g.role,
             "marker": marker, "hovertext": g.text, "hoverinfo": "text"}  # fmt: skip
 
 
-def _layout(title: str, xtitle: str, ytitle: str, xlog: bool = False, **extra: Any) -> dict[str, Any]:
+# right of the plot area, never over a point
+LEGEND = {"font": {"size": 11}, "x": 1.02, "xanchor": "left", "y": 1, "yanchor": "top"}
+
+
+def _axis_units(metric: str) -> dict[str, Any]:
+    """Tick labels in SI prefixes (12k, 1.2M; bytes as kB, MB), never 1e+06."""
+    kind = unit_of(metric)
+    if kind in ("count", "bytes"):
+        return {"exponentformat": "SI", "ticksuffix": "B" if kind == "bytes" else ""}
+    return {"exponentformat": "none"}
+
+
+def _layout(
+    title: str, xtitle: str, ytitle: str, xlog: bool = False, xmetric: str = "", **extra: Any
+) -> dict[str, Any]:
     return {
         "title": {"text": title},
-        "xaxis": {"title": {"text": xtitle}, "type": "log" if xlog else "linear", "gridcolor": "#eee"},
+        "xaxis": {"title": {"text": xtitle}, "type": "log" if xlog else "linear", "gridcolor": "#eee",
+                  **_axis_units(xmetric)},
         "yaxis": {"title": {"text": ytitle}, "gridcolor": "#eee"},
         "height": 470, "template": "plotly_white", "hovermode": "closest",
-        "legend": {"font": {"size": 11}}, "margin": {"t": 50, "r": 20},
+        "legend": LEGEND, "margin": {"t": 50, "r": 20},
         **extra,
     }  # fmt: skip
 
@@ -167,7 +187,7 @@ def figures(runs: list[RunData], top_k: int) -> list[tuple[str, str, dict[str, A
         groups = scatter_groups(runs, col, y)
         out.append(("fronts", f"plot-{col}", {
             "data": [_trace(g) for g in groups],
-            "layout": _layout(f"{y} against {col}", title, y, log_axis(runs, col)),
+            "layout": _layout(f"{y} against {NAMES.get(col, col)}", title, y, log_axis(runs, col), col),
         }))  # fmt: skip
     objectives, series = hv_series(runs)
     data, shapes = [], []
@@ -219,6 +239,7 @@ def _summary(run: RunData) -> str:
         "run folder": str(run.path), "space": c.get("space", "your model"), "dataset": c.get("dataset", ""),
         "strategy": run.strategy, "objectives": ", ".join(map(str, run.objectives)),
         "constraints": ", ".join(map(str, run.constraints)) or "none",
+        "compression constraints": ", ".join(map(str, run.compress_constraints)) or "none",
         "trials": ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none yet",
         "kinds": ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "-",
         "budget": f"{c.get('trials', '?')} trials x {c.get('epochs', '?')} epochs" if "epochs" in c else "-",
@@ -228,19 +249,15 @@ def _summary(run: RunData) -> str:
     if run.in_progress:
         banner = (f"<div class='banner'>run in progress: a nas-run process is writing {escape(run.name)} now; "
                   f"this page is a snapshot of its {len(run.trials)} trials so far. Make the report again later.</div>")  # fmt: skip
-    from nas.collapse import collapse_warnings
-
-    collapsed = collapse_warnings(run.trials)
-    if collapsed:  # a compression that destroyed its model must not pass as a low point on a plot
-        items = "".join(f"<li>{escape(line)}</li>" for line in collapsed)
-        banner += f"<div class='banner'>{len(collapsed)} collapsed trial(s): accuracy at chance<ul>{items}</ul></div>"
+    # models at chance, collapsed or over the drop limit must not pass as points on a plot
+    for head, lines in banners(run):
+        items = "".join(f"<li>{escape(line)}</li>" for line in lines)
+        banner += f"<div class='banner warn'>{escape(head)}<ul>{items}</ul></div>"
     return f"<h3>{escape(run.title)}</h3>{banner}<table>{rows}</table>"
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else "-"
-    return escape(str(v))
+def _fmt(v: Any, metric: str = "") -> str:
+    return escape(human(v, metric))
 
 
 def _candidates(runs: list[RunData], top_k: int) -> str:
@@ -252,7 +269,8 @@ def _candidates(runs: list[RunData], top_k: int) -> str:
         if not cands:
             out.append("<p class='note'>no completed architecture trials yet</p>")
         for r in cands:
-            metrics = ", ".join(f"{k} {_fmt(r.get(k))}" for k in ("val_acc", "test_acc", "params", "flops", "latency_ms")
+            metrics = ", ".join(f"{k} {_fmt(r.get(k), k)}" for k in ("val_acc", "test_acc", "params", "flops",
+                                                                      "torch_latency_ms", "ort_latency_ms")
                                 if isinstance(r.get(k), float) and math.isfinite(r[k]))  # fmt: skip
             variants = ""
             if r["variants"]:
@@ -265,9 +283,9 @@ def _candidates(runs: list[RunData], top_k: int) -> str:
                     "speedup",
                     "size_ratio",
                 )
-                head = "".join(f"<th>{c}</th>" for c in cols)
+                head = "".join(f"<th>{escape(label(c))}</th>" for c in cols)
                 body = "".join(
-                    "<tr>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in cols) + "</tr>"
+                    "<tr>" + "".join(f"<td>{_fmt(v.get(c), c)}</td>" for c in cols) + "</tr>"
                     for v in r["variants"]
                 )
                 variants = f"<p>compressed variants:</p><table><tr>{head}</tr>{body}</table>"
@@ -287,7 +305,7 @@ def _apart(runs: list[RunData]) -> str:
     if not rows:
         return "<p class='note'>none: every trial completed</p>"
     head = "".join(f"<th>{c}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c), c)}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<div class='tablewrap'><table><tr>{head}</tr>{body}</table></div>"
 
 
@@ -304,6 +322,7 @@ def write_html(runs: list[RunData], path: Path, top_k: int = 5, files: list[str]
         )
     cols = [c for c in TABLE_COLUMNS if c != "run" or len(runs) > 1]
     trial_rows = [[r.get(c) for c in cols] for run in runs for r in run.trials.to_dict("records")]
+    shown = [[human(v, c) for v, c in zip(row, cols, strict=True)] for row in trial_rows]
     statuses = sorted({r["status"] for run in runs for r in run.trials.to_dict("records")})
     options = "".join(f"<option>{escape(s)}</option>" for s in statuses)
     title = "nas-run report: " + " vs ".join(r.name for r in runs)
@@ -317,10 +336,12 @@ def write_html(runs: list[RunData], path: Path, top_k: int = 5, files: list[str]
 <nav><a href="#fronts">fronts</a><a href="#hv">hypervolume</a><a href="#curves">learning curves</a>
 <a href="#candidates">top candidates</a><a href="#apart">failed and stopped</a><a href="#table">all trials</a></nav>
 {"".join(_summary(r) for r in runs)}
-<h2 id="fronts">Accuracy against cost</h2><p class="note">Stars: the Pareto front over the run's objectives
-(feasible trials only); dashed: the front in each plot's own plane. Diamonds: (architecture, policy) pairs, a grey
-line from each architecture to its compressed variants. Crosses violate a constraint; hollow grey circles are
-failed or stopped trials with metrics. Click a legend entry to hide it. {size_note}</p>
+<h2 id="fronts">Accuracy against cost</h2><p class="note">Filled dots: architectures. Hollow stars: the Pareto
+front over the run's objectives (feasible trials only), around the trial's own marker; dashed: the front in each
+plot's own plane. Hollow diamonds: (architecture, policy) pairs, a grey line from each architecture to its
+compressed variants (an int8 model keeps its architecture's parameters, so its diamond rings that dot). Crosses
+violate a constraint; hollow grey circles are failed or stopped trials with metrics. Each latency plot holds one
+runtime: PyTorch (int8 models have no PyTorch form) or ONNX Runtime. Click a legend entry to hide it. {size_note}</p>
 {"".join(sections["fronts"])}
 <h2 id="hv">Hypervolume</h2><p class="note">Of the feasible points so far, on the first run's objectives
 (losses: maximised metrics negated, sizes as log10(1 + value)); one reference point for all runs: the worst
@@ -332,9 +353,9 @@ value of each objective plus 5% of its range. A dotted line marks where compress
 <h2 id="table">All trials</h2><div class="controls"><input id="trial-filter"
 placeholder="filter: words that must all appear in a row"> <select id="trial-status"><option value="">any status</option>{options}</select>
 <span id="trial-count"></span></div>
-<div class="tablewrap"><table id="trials"><thead><tr>{"".join(f"<th>{escape(c)}</th>" for c in cols)}</tr></thead>
+<div class="tablewrap"><table id="trials"><thead><tr>{"".join(f"<th>{escape(label(c))}</th>" for c in cols)}</tr></thead>
 <tbody></tbody></table></div>
-<script type="application/json" id="trial-data">{_json({"columns": cols, "rows": trial_rows})}</script>
+<script type="application/json" id="trial-data">{_json({"columns": cols, "rows": trial_rows, "shown": shown})}</script>
 <script type="application/json" id="plot-config">{_json(PLOT_CONFIG)}</script>
 {"".join(scripts)}
 <script>{get_plotlyjs()}</script>

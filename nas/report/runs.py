@@ -14,6 +14,10 @@ Columns added to `RunStore.dataframe()` (one row per trial, compression trials i
   float32 weights, params x 4 bytes (``params x 4``): an estimate, labelled as one;
 - ``ort_latency_ms``: ONNX Runtime latency where known (compressed trials, architectures with
   ``onnx_latency_ms`` or with a compression trial that timed the uncompressed model);
+- ``torch_latency_ms``: PyTorch latency, NaN for a model timed only in ONNX Runtime (int8, or a
+  TorchScript user model), whose ``latency_ms`` is its ORT time (`compress.evaluate` copies it):
+  one runtime per axis, or int8 looks 20-100x faster than the float models beside it;
+  ``latency_runtime`` says which runtime ``latency_ms`` holds (``pytorch``/``onnxruntime``);
 - ``feasible`` (complete, objectives finite, no constraint violated), ``on_front`` (the run's
   Pareto front over its objectives, as `RunStore.pareto`), ``base_number`` (for a compressed
   trial, the architecture trial it started from).
@@ -34,7 +38,10 @@ from search_spaces import ConfigError
 from ..objectives import Constraint, Objective, losses, parse_constraints, parse_objectives
 from ..pareto import hypervolume_2d, pareto_mask
 
-__all__ = ["RunData", "load_run", "policy_label", "hypervolume", "hypervolume_curve", "LOG_METRICS"]
+__all__ = [
+    "LOG_METRICS", "ORT_ONLY_PASSES", "RunData", "hypervolume", "hypervolume_curve", "last_pass", "load_run",
+    "policy_label",
+]  # fmt: skip
 
 # metrics that span orders of magnitude: log axes, log10 before a hypervolume
 LOG_METRICS = frozenset(
@@ -46,6 +53,9 @@ METRIC_COLUMNS = (
     "zip_bytes", "acc_drop", "speedup", "size_ratio", "base_file_bytes", "base_onnx_latency_ms",
     "epochs", "train_loss",
 )  # fmt: skip
+# passes whose model exists only in ONNX Runtime (`compress`'s passes with ``terminal = True``;
+# nas never imports compress, so tests/test_report_truth.py checks that the two agree)
+ORT_ONLY_PASSES = frozenset({"int8"})
 # the one setting worth showing per pass (the rest are in the table's policy column)
 _KEY_SETTING = {
     "structured": "ratio",
@@ -66,6 +76,8 @@ class RunData:
     in_progress: bool  # a driver holds the folder now: this is a snapshot
     trials: Any  # pandas DataFrame, one row per trial
     histories: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    # constraints of `nas-run compress --search` on this run (its compress.json), if any
+    compress_constraints: tuple[Constraint, ...] = ()
 
     @property
     def strategy(self) -> str:
@@ -96,6 +108,29 @@ def policy_label(text: str | None) -> str:
             bits.append("kd")
         parts.append(" ".join(bits))
     return " + ".join(parts) or "none"
+
+
+def last_pass(text: str | None) -> str:
+    """The name of a policy's last pass (``""`` for none or unreadable policy text)."""
+    try:
+        passes = json.loads(text or "{}").get("passes") or []
+        return str(passes[-1].get("pass", "")) if passes else ""
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _compress_constraints(path: Path, config: dict[str, Any]) -> tuple[Constraint, ...]:
+    """The compression constraints of a search run compressed in place (``compress.json``
+    beside ``config.json``); a ``compress --model`` folder's are its config's own."""
+    file = path / "compress.json"
+    if not (path / "config.json").is_file():  # config is compress.json itself
+        return parse_constraints(config.get("constraints"))
+    if not file.is_file():
+        return ()
+    try:
+        return parse_constraints(json.loads(file.read_text(encoding="utf-8")).get("constraints"))
+    except (ValueError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{str(file)!r} is not a readable compression config: {exc}") from None
 
 
 def _open(path: Path) -> tuple[Any, dict[str, Any], tuple[Objective, ...], tuple[Constraint, ...]]:
@@ -141,7 +176,8 @@ def load_run(run_dir: str | Path) -> RunData:
     ran = df["number"].map(lambda n: float(len(histories.get(int(n), []))) or np.nan)
     df["epochs"] = df["epochs"].fillna(ran[df["kind"] == "architecture"])
     _mark_front(df, objectives)
-    return RunData(path, path.name, tuple(objectives), tuple(constraints), config, in_progress, df, histories)
+    return RunData(path, path.name, tuple(objectives), tuple(constraints), config, in_progress, df, histories,
+                   _compress_constraints(path, config))  # fmt: skip
 
 
 def _derived(df: Any, name: str) -> Any:
@@ -179,6 +215,14 @@ def _derived(df: Any, name: str) -> Any:
     df.loc[df["size_bytes"].isna(), "size_source"] = ""
     df["ort_latency_ms"] = df["onnx_latency_ms"].where(
         df["onnx_latency_ms"].notna(), np.where(arch, df["genotype_id"].map(base_ms), np.nan)
+    )
+    # a model with no PyTorch form had its ORT time recorded as latency_ms (the same number)
+    ort_only = (df["kind"] == "compressed") & (
+        df["policy"].map(last_pass).isin(ORT_ONLY_PASSES) | (df["latency_ms"] == df["onnx_latency_ms"])
+    )
+    df["torch_latency_ms"] = df["latency_ms"].where(~ort_only)
+    df["latency_runtime"] = np.where(
+        df["latency_ms"].isna(), "", np.where(ort_only, "onnxruntime", "pytorch")
     )
     # the architecture trial a compressed one started from: the complete search trial of its
     # genotype (the best on accuracy if the genotype was trained more than once)

@@ -118,9 +118,12 @@ def _open_run(run_dir: str | os.PathLike[str]) -> _Run:
     from nas.search import open_store, read_config
     from nas.store import RunStore
 
+    from .run import read_compress_config
+
     d = Path(run_dir)
     comp_path = d / "compress.json"
-    comp = json.loads(comp_path.read_text()) if comp_path.is_file() else {}
+    # checked as `compress --resume` reads it: a damaged or edited file is one line naming it
+    comp = read_compress_config(d).to_json() if comp_path.is_file() else {}
     calib = int(comp.get("calib_size", 256))
     extra = {"constraints": parse_constraints(comp.get("constraints") or ()), "metric": comp.get("metric")}
     if (d / "config.json").is_file():
@@ -165,6 +168,7 @@ def _select(run: _Run, trial: int | None, policy: str | None) -> dict[str, Any]:
                 and losses(run.store.objectives, r["metrics"]) is not None]
         if stage == "compress" and policy is not None:  # a --model run: the best of that policy
             done = [r for r in done if _policy_matches(r["policy"], policy)]
+            done = [r for r in done if Policy.from_json(r["policy"]).matches(policy)] or done  # whole name first
             if len({r["policy"] for r in done}) > 1:
                 raise ConfigError(f"--policy {policy!r} matches several policies: "
                                   f"{', '.join(sorted({_label(r['policy']) for r in done}))}; give a policy id or --trial N")
@@ -216,8 +220,9 @@ def _final_trained(run: _Run, records: Sequence[dict[str, Any]]) -> dict[str, An
 
 
 def _policy_matches(text: str, wanted: str) -> bool:
+    # whole names only: `structured` is not `unstructured` (a name that fits several is refused)
     pol = Policy.from_json(text)
-    return wanted == pol.id or wanted.lower() in pol.label().lower()
+    return pol.matches(wanted) or pol.has_passes(wanted)
 
 
 def _pick_policy(run: _Run, records: Sequence[dict[str, Any]], arch: dict[str, Any], wanted: str) -> dict[str, Any]:
@@ -225,7 +230,7 @@ def _pick_policy(run: _Run, records: Sequence[dict[str, Any]], arch: dict[str, A
     if not comp:
         raise ConfigError(f"--policy {wanted!r}: the run {str(run.dir)!r} has no compression trials (nas-run compress --run DIR)")
     mine = [r for r in comp if r["genotype"] == arch["genotype"] and _policy_matches(r["policy"], wanted)]
-    exact = [r for r in mine if Policy.from_json(r["policy"]).id == wanted]
+    exact = [r for r in mine if Policy.from_json(r["policy"]).matches(wanted)]  # an id or whole label first
     mine = exact or mine
     if not mine:
         others = [r for r in comp if _policy_matches(r["policy"], wanted)]

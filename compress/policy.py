@@ -61,6 +61,8 @@ class Policy:
                 data = json.loads(data)
             except json.JSONDecodeError as exc:
                 raise PolicyError(f"a policy is JSON like {{\"passes\": [...]}}; cannot parse it: {exc}") from None
+            except RecursionError:  # thousands of nested brackets
+                raise PolicyError("a policy is JSON like {\"passes\": [...]}; this one is nested too deeply") from None
         if isinstance(data, Mapping):
             unknown = set(data) - {"passes"}
             if unknown:
@@ -120,6 +122,25 @@ class Policy:
             shown = ",".join(f"{k}={_short(v)}" for k, v in sorted(changed.items())[:3])
             parts.append(f"{s.name}({shown})" if shown else s.name)
         return "+".join(parts)
+
+    def names(self) -> tuple[str, ...]:
+        """What ``--policy NAME`` accepts for this policy, matched whole (case and spaces aside):
+        its id, its label as the console prints it, its label as the report prints it, and its
+        passes' names joined by ``+`` (``structured+finetune+int8``). Never a piece of a label:
+        ``structured`` must not pick ``unstructured``."""
+        from nas.report.runs import policy_label  # the report's own naming, so what it shows is accepted
+
+        return (self.id, self.label(), policy_label(self.to_str()), "+".join(s.name for s in self.passes) or "none")
+
+    def matches(self, name: str) -> bool:
+        key = _name_key(name)
+        return any(_name_key(n) == key for n in self.names())
+
+    def has_passes(self, name: str) -> bool:
+        """``structured`` or ``structured+int8``: each pass named is one of this policy's, by its
+        whole name (a looser match than `matches`, which a caller should prefer when both hit)."""
+        wanted = [_name_key(n) for n in name.split("+")]
+        return all(w in {s.name for s in self.passes} for w in wanted)
 
     @property
     def terminal(self) -> bool:
@@ -195,6 +216,10 @@ def _plain(value: Any) -> Any:
         raise PolicyError(f"policy settings and records are plain JSON values, got {type(value).__name__}") from None
 
 
+def _name_key(name: str) -> str:
+    return "".join(name.split()).lower()
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -205,12 +230,12 @@ def _short(v: Any) -> str:
 
 def load_policy_file(path: str | Path) -> Policy:
     """A hand-written policy from JSON or TOML (``[[passes]]`` tables) or YAML."""
-    from nas.config import load_config_file
+    from nas.config import load_config_file, read_text_file
 
     p = Path(path)
     if p.suffix == ".json" and p.is_file():
         try:
-            return Policy.from_json(p.read_text())
+            return Policy.from_json(read_text_file(p))
         except PolicyError as exc:
             raise PolicyError(f"{p}: {exc}") from None
     data = load_config_file(p)

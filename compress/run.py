@@ -42,8 +42,11 @@ __all__ = [
     "CompressConfig",
     "CompressRun",
     "builtin_policies",
+    "compress_config",
     "policy_from_flags",
     "prepare_compress",
+    "read_compress_config",
+    "resume_config",
     "run_compress",
 ]
 
@@ -170,13 +173,16 @@ class CompressConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> CompressConfig:
+        """Strict: unknown keys and wrong types (an edited compress.json) are `ConfigError`s."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source} must hold a table of settings, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             norm = str(key).replace("-", "_")
             if norm not in known:
                 raise UnknownNameError(f"key in {source}", key, known)
-            kwargs[norm] = tuple(value) if isinstance(value, list) else value
+            kwargs[norm] = _typed(norm, value, source)
         if "search_options" in kwargs and not isinstance(kwargs["search_options"], Mapping):
             raise ConfigError(f"search_options in {source} is a table of strategy options, got {kwargs['search_options']!r}")
         return cls(**kwargs)
@@ -187,6 +193,122 @@ class CompressConfig:
 
     def replace(self, **changes: Any) -> CompressConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _typed(key: str, value: Any, source: str) -> Any:
+    """``value`` checked against the field's annotation (lists become tuples): `__post_init__`
+    compares numbers, and a string where a number belongs would be a TypeError there."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(CompressConfig)[key]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `X | None`
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and number and isinstance(value, int):
+        return value
+    if hint is float and number and _finite(value):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if origin is tuple and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if origin is Mapping and isinstance(value, Mapping):
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
+        hint, "a list of strings" if origin is tuple else "a table")
+    raise ConfigError(f"{key} in {source} must be {kind}, got {value!r}"[:300])
+
+
+def _finite(value: float) -> bool:
+    import math
+
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+# What a compression run's finished trials were measured with beyond their (architecture, policy)
+# pair. A re-run skips a finished pair, so another value would change nothing for those trials
+# (and mix two settings in one table): a re-run or --resume that gives another one is refused.
+MEASURED = ("calib_size", "seed", "dataset", "weights", "standardize", "layout", "loss", "metric", "model")
+# ... and those of a policy search, compared when both the stored run and the re-run search
+SEARCHED = ("search", "search_seed", "policy_space", "policy_space_options", "search_options", "objectives",
+            "constraints")
+# how trials run, not what they measure: a --resume may change these
+EXECUTION = ("runner", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_retries", "ray_address")
+
+
+def read_compress_config(folder: str | Path) -> CompressConfig:
+    """A folder's compress.json; damaged or edited into something else, a `ConfigError` naming it."""
+    from nas.config import read_json_file
+
+    path = Path(folder) / CONFIG_FILE
+    return CompressConfig.from_mapping(read_json_file(path, "compression settings"), source=str(path))
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key in ("run", "out", "dataset", "weights") and a is not None and b is not None:
+        return Path(str(a)).resolve() == Path(str(b)).resolve() or a == b
+    plain = lambda v: tuple(v) if isinstance(v, list | tuple) else dict(v) if isinstance(v, Mapping) else v  # noqa: E731
+    return plain(a) == plain(b)
+
+
+def resume_config(folder: str | Path, given: Mapping[str, Any] | None = None) -> CompressConfig:
+    """What `--resume DIR` continues: DIR's compress.json, in DIR (wherever the folder was made:
+    a copied or moved folder resumes itself, not the original). ``given`` (the flags): how trials
+    run may change; any other setting must equal the stored one — a resumed run finishes the
+    trials it was making, with what its finished ones were made with."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{str(folder)!r} holds no {CONFIG_FILE}; nothing to resume")
+    stored = read_compress_config(folder)
+    stored = stored.replace(**({"run": str(folder)} if stored.run is not None else {"out": str(folder)}))
+    for key, value in (given or {}).items():
+        if key in EXECUTION or _same(key, getattr(stored, key), value):
+            continue
+        more = (f"; `nas-run compress --run {folder}` without --resume adds trials with it"
+                if stored.run is not None and key not in MEASURED + SEARCHED else "; make another run for other settings")
+        raise ConfigError(f"--resume continues {folder} as {path} says: {key} is {getattr(stored, key)!r} there, "
+                          f"not {value!r}{more}")
+    return stored.replace(**{k: v for k, v in (given or {}).items() if k in EXECUTION})
+
+
+def compress_config(settings: Mapping[str, Any], resume: str | Path | None = None, source: str = "flags") -> CompressConfig:
+    """The config of `nas-run compress` from the settings its flags give. ``--resume``: see
+    `resume_config`. A re-run of ``--run DIR`` whose compress.json exists (to add policies or
+    candidates): the measured settings not given are the stored ones, so the new trials are
+    made as the finished ones were (a given one that differs is refused by `prepare_compress`)."""
+    if resume is not None:
+        return resume_config(resume, settings)
+    run = settings.get("run")
+    if run is not None and (Path(str(run)) / CONFIG_FILE).is_file():
+        stored = read_compress_config(str(run))
+        keep = MEASURED + (SEARCHED if stored.search is not None and settings.get("search") is not None else ())
+        settings = {**{k: getattr(stored, k) for k in keep if k not in settings}, **settings}
+    return CompressConfig.from_mapping(settings, source)
+
+
+def _check_rerun(cfg: CompressConfig) -> None:
+    """A second `compress --run DIR` measures its trials as the first did, or is refused."""
+    if cfg.run is None or not (Path(cfg.run) / CONFIG_FILE).is_file():
+        return
+    stored = read_compress_config(cfg.run)
+    keep = MEASURED + (SEARCHED if stored.search is not None and cfg.search is not None else ())
+    for key in keep:
+        old, new = getattr(stored, key), getattr(cfg, key)
+        if not _same(key, old, new):
+            raise ConfigError(
+                f"{key} {new!r} differs from the {old!r} the compression trials of {cfg.run} were made with "
+                f"({Path(cfg.run) / CONFIG_FILE}): a finished (architecture, policy) pair is not run again, so it "
+                f"would change nothing for them; drop it to keep {old!r}"
+            )
 
 
 def builtin_policies(finetune_epochs: int = 4, lr: float = 3e-3) -> list[Policy]:
@@ -327,15 +449,14 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
     store; run nothing. Bad input raises before anything is written."""
     from nas.search import _lock_run_folder, read_config
 
-    if resume is not None:
-        path = Path(resume) / CONFIG_FILE
-        if not path.is_file():
-            raise ConfigError(f"{str(resume)!r} holds no {CONFIG_FILE}; nothing to resume")
-        cfg = CompressConfig.from_mapping(json.loads(path.read_text()), source=str(path))
+    if resume is not None and config is None:
+        cfg = resume_config(resume)
     elif config is None:
         raise ConfigError("nothing to compress: give --run DIR or --model SPEC")
     else:
-        cfg = config
+        cfg = config  # with ``resume``: `resume_config`'s, with the flags checked against the stored ones
+        if resume is None:
+            _check_rerun(cfg)
 
     policies = [Policy.from_json(p) for p in cfg.policies] or builtin_policies(cfg.finetune_epochs, cfg.finetune_lr)
     if cfg.search is not None:
@@ -528,8 +649,29 @@ def _open_run_store(out: Path, read_only: bool = False) -> RunStore:
 
 
 def _user_store(out: Path, objectives: Sequence[Objective]) -> RunStore:
-    url = f"sqlite:///{(out / 'study.db').resolve()}"
-    return RunStore(url, objectives, (), study_name=out.resolve().name)
+    return RunStore(_user_store_url(out), objectives, (), study_name=user_study_name(out))
+
+
+def _user_store_url(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def user_study_name(out: Path) -> str:
+    """The study of a --model folder is named after it; a folder moved or copied since keeps the
+    old name inside its study.db, then the one study there (found, not made anew beside it)."""
+    name = out.resolve().name
+    if (out / "study.db").is_file():
+        import optuna
+
+        from nas.store import check_sqlite
+
+        url = _user_store_url(out)
+        check_sqlite(url)
+        names = optuna.study.get_all_study_names(storage=url)
+        if name not in names and len(names) == 1:
+            return names[0]
+    return name
+
 
 
 def run_compress(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,10 +18,13 @@ from typing import Any
 
 from search_spaces import ConfigError, UnknownNameError
 
-__all__ = ["SearchConfig", "load_config_file", "RUNNERS", "SCHEDULERS"]
+__all__ = ["SearchConfig", "load_config_file", "read_json_file", "read_text_file", "RUNNERS", "SCHEDULERS"]
 
 RUNNERS = ("local", "ray")
 SCHEDULERS = ("auto", "asha", "mo-asha", "none")
+# trials and epochs above this are typos (1e18 from a YAML/TOML file), not budgets: refused
+# before a search starts what would never end
+MAX_COUNT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,8 @@ class SearchConfig:
     storage: str | None = None  # any SQLAlchemy URL; default: sqlite:///<out>/study.db
 
     def __post_init__(self) -> None:
-        _positive("trials", self.trials)
-        _positive("epochs", self.epochs)
+        _positive("trials", self.trials, MAX_COUNT)
+        _positive("epochs", self.epochs, MAX_COUNT)
         if self.batch_size is not None:
             _positive("batch_size", self.batch_size)
         if self.cv is not None:
@@ -122,9 +126,21 @@ class SearchConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _positive(name: str, value: int) -> None:
+def _positive(name: str, value: int, most: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {most:,}, got {value:,}")
+
+
+def _finite(value: Any) -> bool:
+    """A real, finite number (not a bool; an int too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
@@ -145,7 +161,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         _positive(key, value)
         return value
     if key == "lr" and value is not None:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if _finite(value):
             return float(value)
         raise ConfigError(f"lr in {source} must be a number, got {value!r}")
     if key in ("space_options", "strategy_options", "joint_options"):
@@ -165,9 +181,10 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return value
         raise ConfigError(f"{key} in {source} must be an integer, got {value!r}")
     if isinstance(default, float):
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        # nan/inf (YAML .nan, JSON 1e999) pass every `<` check and fail later, deep inside
+        if _finite(value):
             return float(value)
-        raise ConfigError(f"{key} in {source} must be a number, got {value!r}")
+        raise ConfigError(f"{key} in {source} must be a finite number, got {value!r}")
     if isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -180,7 +197,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text()
+    text = read_text_file(p)
     try:
         if p.suffix == ".toml":
             data: Any = tomllib.loads(text)
@@ -194,10 +211,56 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise UnknownNameError("config file type", p.suffix, [".toml", ".yaml", ".yml", ".json"])
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot parse {p}: {exc}") from None
+    except RecursionError:  # a file of thousands of nested brackets: the parsers recurse
+        raise ConfigError(f"cannot parse {p}: nested too deeply") from None
     except Exception as exc:
         if type(exc).__module__.startswith("yaml"):
-            raise ConfigError(f"cannot parse {p}: {exc}") from None
+            raise ConfigError(f"cannot parse {p}: {_yaml_problem(exc)}") from None
         raise
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p} must hold a table of settings, got {type(data).__name__}")
     return dict(data)
+
+
+def read_text_file(path: str | Path) -> str:
+    """A settings file's text: UTF-8 (the encoding TOML requires and JSON/YAML files use), or a
+    `ConfigError` naming the file (a UTF-16 or latin-1 file, binary bytes, a folder)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (some editors write one) is not a setting
+
+
+def read_json_file(path: str | Path, what: str = "settings") -> dict[str, Any]:
+    """A JSON object from a file the project wrote (a run folder's config.json, compress.json):
+    damaged, truncated or edited into something else, it is a `ConfigError` naming the file."""
+    p = Path(path)
+    text = read_text_file(p)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p} is damaged (not JSON: {exc}); it should hold the run's {what}") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is damaged (nested too deeply); it should hold the run's {what}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} is damaged: it holds a JSON {type(data).__name__}, not the run's {what}")
+    return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's message on one line: what is wrong, and where (its own text quotes the line
+    and draws a caret under it, on three more lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"

@@ -16,14 +16,28 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from search_spaces import Genotype, SearchSpace
+from search_spaces import ConfigError, Genotype, SearchSpace
 
 from .objectives import Constraint, Objective, losses, violation_of
 from .store import RunStore
 from .strategies.base import SpaceExhausted, Strategy
 from .trial import Candidate, TrialResult
 
-__all__ = ["SEARCH_STAGES", "ArchitectureRows", "ProposalRows", "SearchController", "uses_evaluation"]
+__all__ = ["SEARCH_STAGES", "ArchitectureRows", "ProposalRows", "SearchController", "read_state", "uses_evaluation"]
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A controller's saved state; written atomically, so a damaged one was edited or overwritten:
+    a `ConfigError` naming it (``prepare_run`` reads it before the store is written to)."""
+    from .config import read_json_file
+
+    saved = read_json_file(path, "search strategy's state")
+    told = saved.get("told")
+    if not isinstance(saved.get("strategy"), dict) or not isinstance(told, list) or not all(
+        isinstance(n, int) for n in told
+    ):
+        raise ConfigError(f"{path} is damaged: it lacks the strategy's state or the trials it was told")
+    return saved
+
 
 # stage of an architecture trial (None: rows of stores older than the stage field)
 SEARCH_STAGES = ("search", None)
@@ -120,7 +134,7 @@ class SearchController:
     # -- resume --------------------------------------------------------------------------------
     def _resume(self) -> None:
         if self.state_path.exists():
-            saved = json.loads(self.state_path.read_text())
+            saved = read_state(self.state_path)
             self.strategy.load_state_dict(saved["strategy"])
             self.told = set(saved["told"])
             self.retries = {str(k): int(v) for k, v in saved.get("retries", {}).items()}

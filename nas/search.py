@@ -22,10 +22,10 @@ import numpy as np
 
 from search_spaces import ConfigError, SearchSpace, UnknownNameError, get_space
 
-from .config import SearchConfig
+from .config import SearchConfig, read_json_file
 from .controller import ProposalRows, SearchController
 from .objectives import parse_constraints, parse_objectives
-from .store import RunStore
+from .store import RunStore, check_sqlite
 from .strategies.base import make_strategy
 from .trial import Candidate, TrialResult
 
@@ -123,6 +123,7 @@ def _store_for(cfg: SearchConfig, out: Path, read_only: bool = False, new: bool 
     if read_only and cfg.storage is None and not (out / "study.db").is_file():
         raise ConfigError(f"{str(out)!r} holds no study.db yet")  # SQLite would create one
     objectives, constraints = parse_objectives(cfg.objectives), parse_constraints(cfg.constraints)
+    check_sqlite(url)  # before `_study_name` reads it
     return RunStore(url, objectives, constraints, study_name=_study_name(out, url, cfg), read_only=read_only,
                     new=new)
 
@@ -181,9 +182,8 @@ def read_config(run_dir: str | Path) -> SearchConfig:
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder (no config.json)")
-    saved = json.loads(cfg_path.read_text())
-    if isinstance(saved, dict):
-        saved.setdefault("cv", 1)  # runs made before cross-validation existed validated on one split
+    saved = read_json_file(cfg_path, "configuration")
+    saved.setdefault("cv", 1)  # runs made before cross-validation existed validated on one split
     cfg = SearchConfig.from_mapping(saved, source=str(cfg_path))
     return _old_darts_rules(cfg, Path(run_dir))
 
@@ -191,7 +191,10 @@ def read_config(run_dir: str | Path) -> SearchConfig:
 def open_store(run_dir: str | Path, read_only: bool = False) -> RunStore:
     """The store of an existing run folder (read it, add to it, or point a report at it);
     ``read_only`` writes nothing, for readers beside a running driver."""
-    return _store_for(read_config(run_dir), Path(run_dir), read_only)
+    cfg = read_config(run_dir)
+    if cfg.storage is None and not (Path(run_dir) / "study.db").is_file():  # SQLite would make an empty one
+        raise ConfigError(f"{str(run_dir)!r} holds no study.db: the run's trials are lost, or it is not a run folder")
+    return _store_for(cfg, Path(run_dir), read_only)
 
 
 def prepare_run(
@@ -205,6 +208,14 @@ def prepare_run(
     if resume is not None:
         out = Path(resume)
         saved = read_config(out)  # also resolves the space of pre-v2 darts runs
+        if saved.storage is None:  # a damaged or lost study.db: said now, not after the data are loaded
+            if not (out / "study.db").is_file():
+                raise ConfigError(f"{str(out)!r} holds no study.db: the run's trials are lost; nothing to resume")
+            check_sqlite(f"sqlite:///{(out / 'study.db').resolve()}")
+        if (out / "strategy_state.json").exists():  # checked before the store is written to
+            from .controller import read_state
+
+            read_state(out / "strategy_state.json")
         # a resume may extend the run: only the number of trials can change
         cfg = saved if config is None else saved.replace(trials=max(config.trials, saved.trials))
     else:

@@ -25,7 +25,7 @@ from .objectives import Constraint, Objective, excess, losses
 from .pareto import pareto_mask
 from .trial import Candidate, TrialResult
 
-__all__ = ["RunStore", "package_versions", "tie_break"]
+__all__ = ["RunStore", "check_sqlite", "package_versions", "tie_break"]
 
 _PACKAGES = ("nas-run", "torch", "optuna", "ray", "xgboost-cpu", "xgboost", "numpy", "pandas", "onnxruntime")
 
@@ -51,6 +51,37 @@ def tie_break(metrics: Mapping[str, Any]) -> float:
     return value if math.isfinite(value) else math.inf
 
 
+def check_sqlite(url: str) -> None:
+    """A SQLite store that is no longer a database (truncated, zeroed, overwritten) is a
+    `ConfigError` naming the file, before Optuna or SQLAlchemy touch it (their errors are
+    tracebacks of 80 lines, and a writer could make the damage worse). Other URLs, and files
+    that do not exist yet (SQLite makes them), pass."""
+    import contextlib
+    import sqlite3
+    from pathlib import Path
+
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        return
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return
+    if path.stat().st_size == 0:  # a store is made with its tables at once: an empty file was emptied
+        raise ConfigError(f"{path} is empty (0 bytes); the run's store is lost")
+    try:  # read-only: a reader beside a running driver must not write (nor create a journal)
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            found = con.execute("PRAGMA quick_check(1)").fetchone()
+            con.execute("SELECT 1 FROM studies LIMIT 1").fetchall()  # Optuna's own table: this is a study
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):  # a driver is writing: its database is fine
+            return
+        raise ConfigError(f"{path} is damaged or not an Optuna study ({exc}); the run's store cannot be read") from None
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        raise ConfigError(f"{path} is damaged ({exc}); the run's store cannot be read") from None
+    if found is None or found[0] != "ok":
+        detail = " ".join(str(found[0]).split()) if found else "no answer"  # one line, as every error
+        raise ConfigError(f"{path} is damaged (SQLite integrity check: {detail}); the run's store cannot be read")
+
+
 class RunStore:
     """Read/write access to one run's study. Only the driver process writes."""
 
@@ -68,6 +99,7 @@ class RunStore:
         run's study of the same name is refused, atomically, never taken over)."""
         import optuna
 
+        check_sqlite(url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._optuna = optuna
         self.url, self.study_name = url, study_name

@@ -135,30 +135,52 @@ def _show(args: argparse.Namespace) -> int:
             # a joint run's trials are its (architecture, policy) pairs
             if (is_joint_trial(r) if config.joint else r["stage"] in SEARCH_STAGES)
         )
-        if counted < config.trials or any(r["status"] == "running" for r in records):
-            # "running" rows of a run nobody drives are trials a dead driver left behind
-            print(f"not finished and not running: continue it with nas-run search --resume {args.dir}")
+        for hint in _resume_hints(args.dir, records, counted < config.trials, config.joint):
+            print(f"not finished and not running: continue it with {hint}")
     return 0
+
+
+def _resume_hints(run_dir: str, records: Sequence[dict[str, Any]], short: bool, joint: bool) -> list[str]:
+    """The command that continues each stage a dead driver left unfinished: "running" rows of a
+    run nobody drives are trials it left behind, and each stage resumes its own (a search's
+    --resume does not touch a killed compression, nor a killed `train`)."""
+    from compress.joint import is_joint_trial
+
+    running = [r for r in records if r["status"] == "running"]
+    hints = []
+    if short or any(r["stage"] not in ("compress", "train") or (joint and is_joint_trial(r)) for r in running):
+        hints.append(f"nas-run search --resume {run_dir}")
+    if any(r["stage"] == "compress" and not (joint and is_joint_trial(r)) for r in running):
+        hints.append(f"nas-run compress --resume {run_dir}")
+    for r in {(r["budget"], str(r["strategy"] or "")): r for r in running if r["stage"] == "train"}.values():
+        recipe = str(r["strategy"] or "").removeprefix("train:") or "standard"  # stored as train:<recipe>
+        hints.append(f"nas-run train --run {run_dir} --epochs {r['budget']} --recipe {recipe} --resume "
+                     "(and the --trial/--genotype, --train-on and --seeds it was started with)")
+    return hints
 
 
 def _show_compression(args: argparse.Namespace) -> int:
     """`show` on a `nas-run compress --model ... --out DIR` folder: its trials and the note to
     resume it when it is not finished."""
-    import json
     from pathlib import Path
     from types import SimpleNamespace
 
-    from compress.run import CONFIG_FILE, CompressConfig
+    from compress.run import read_compress_config, user_study_name
     from nas.objectives import parse_constraints, parse_objectives
     from nas.search import driver_running
     from nas.store import RunStore
     from nas_run.compress_cmd import CompressProgress
     from nas_run.progress import print_front, print_trials
+    from search_spaces import ConfigError
 
     out = Path(args.dir)
-    cfg = CompressConfig.from_mapping(json.loads((out / CONFIG_FILE).read_text()), source=str(out / CONFIG_FILE))
+    cfg = read_compress_config(out)
+    if cfg.run is not None:  # the compression of a search run, whose own config.json is gone
+        raise ConfigError(f"{str(out)!r} is a search run folder without its config.json: the run's configuration is lost")
+    if not (out / "study.db").is_file():  # read-only: SQLite would make an empty one
+        raise ConfigError(f"{str(out)!r} holds no study.db: nothing was compressed there yet")
     store = RunStore(f"sqlite:///{(out / 'study.db').resolve()}", parse_objectives(cfg.objectives),
-                     parse_constraints(cfg.constraints), study_name=out.resolve().name, read_only=True)
+                     parse_constraints(cfg.constraints), study_name=user_study_name(out), read_only=True)
     if args.all:
         print_trials(store)
     CompressProgress().summary(SimpleNamespace(out=out, table=store.dataframe))
@@ -353,8 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt as exc:
-        how = str(exc) or f"nas-run {args.command} --resume DIR"
-        print(f"nas-run: interrupted; finished trials are saved; continue with: {how}", file=sys.stderr)
+        # the stages that can be continued raise with their own command (`nas-run train` needs
+        # its flags again); anything else stopped before a run existed or only read one
+        how = f"; finished trials are saved; continue with: {exc}" if str(exc) else ""
+        print(f"nas-run: interrupted{how}", file=sys.stderr)
         return 130
 
 

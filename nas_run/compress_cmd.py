@@ -87,7 +87,7 @@ def _lowrank_target(text: str | None) -> float | None:
 
 def compress_command(args: argparse.Namespace) -> int:
     from compress.policy import load_policy_file
-    from compress.run import CompressConfig, policy_from_flags, run_compress
+    from compress.run import compress_config, policy_from_flags, run_compress
     from search_spaces import ConfigError
 
     if args.resume:
@@ -96,10 +96,7 @@ def compress_command(args: argparse.Namespace) -> int:
         given = [k for k in flags if getattr(args, k) is not None]
         if given or args.int8:
             raise ConfigError(f"--resume takes its settings from {args.resume}/compress.json; drop {given or ['--int8']}")
-        progress = CompressProgress(args.quiet)
-        run = run_compress(resume=args.resume, on_result=progress.on_result)
-        progress.summary(run)
-        return 0
+    # any other setting given with --resume is checked against the stored one (`resume_config`)
     settings: dict[str, Any] = {}
     for key in ("run", "model", "weights", "dataset", "out", "top_k", "runner", "cpus_per_trial",
                 "gpus_per_trial", "max_concurrent", "max_retries", "ray_address", "seed", "calib_size", "finetune_epochs",
@@ -136,9 +133,9 @@ def compress_command(args: argparse.Namespace) -> int:
         policies.append(flags)
     if policies:
         settings["policies"] = tuple(p.to_str() for p in policies)
-    config = CompressConfig.from_mapping(settings, source="flags")
+    config = compress_config(settings, resume=args.resume, source="flags")
     progress = CompressProgress(args.quiet)
-    run = run_compress(config, on_result=progress.on_result)
+    run = run_compress(config, resume=args.resume, on_result=progress.on_result)
     progress.summary(run)
     return 0
 

@@ -35,7 +35,8 @@ def add_export_parser(sub: Any) -> None:
                    help="refuse (exit 2, nothing written) when the exported model's accuracy is further below its "
                    "float base than the run's acc_drop constraint (default 1 point) allows; without it, a warning")
     e.add_argument("--policy", metavar="ID|LABEL",
-                   help="a compressed variant of that trial: policy id (8 hex) or a piece of its label, e.g. structured")
+                   help="a compressed variant of that trial: its policy id (8 hex), its label as `show` or the report "
+                   "prints it, or its passes joined by + (e.g. structured+finetune+int8)")
     e.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     e.add_argument("--out", required=True, metavar="PATH", help="the file to write (safetensors also writes PATH.json)")
 

@@ -53,7 +53,6 @@ def _int(flag: str, text: str | None, low: int) -> int | None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from nas.final_training import train_final
     from nas_run.progress import format_metric
 
     def on_epoch(seed: int, epoch: int, m: dict[str, float]) -> None:
@@ -66,13 +65,10 @@ def train_command(args: argparse.Namespace) -> int:
 
     epochs = _int("--epochs", args.epochs, 1)
     seeds = _int("--seeds", args.seeds, 1)
-    results = train_final(
-        args.run, epochs=epochs, recipe=args.recipe, trial=_int("--trial", args.trial, 0), genotype=args.genotype,
-        train_on=args.train_on, seeds=list(range(seeds or 1)), resume=args.resume, cache_dir=args.cache_dir,
-        progress=sys.stderr.isatty(), on_epoch=on_epoch, device=args.device, threads=_int("--threads", args.threads, 1),
-        runner=args.runner, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        ray_address=args.ray_address,
-    )  # fmt: skip
+    try:
+        results = _train(args, epochs, seeds, on_epoch)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_command(args)) from None
     for r in results:
         resumed = f" (resumed at epoch {r.resumed_from})" if r.resumed_from else ""
         m = r.metrics
@@ -82,3 +78,29 @@ def train_command(args: argparse.Namespace) -> int:
         )
     print(f"final weights of {results[0].genotype}: {args.run}/trained/ (used by `nas-run compress --run` and `export`)")
     return 0
+
+
+def _train(args: argparse.Namespace, epochs: int | None, seeds: int | None, on_epoch: Any) -> Any:
+    from nas.final_training import train_final
+
+    return train_final(
+        args.run, epochs=epochs, recipe=args.recipe, trial=_int("--trial", args.trial, 0), genotype=args.genotype,
+        train_on=args.train_on, seeds=list(range(seeds or 1)), resume=args.resume, cache_dir=args.cache_dir,
+        progress=sys.stderr.isatty(), on_epoch=on_epoch, device=args.device, threads=_int("--threads", args.threads, 1),
+        runner=args.runner, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        ray_address=args.ray_address,
+    )  # fmt: skip
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this train: its own flags (they name its checkpoint), plus --resume."""
+    import shlex
+
+    parts = ["nas-run", "train", "--run", args.run, "--epochs", args.epochs]
+    for flag, value, default in (("--recipe", args.recipe, "standard"), ("--trial", args.trial, None),
+                                 ("--genotype", args.genotype, None), ("--train-on", args.train_on, "train"),
+                                 ("--seeds", args.seeds, "1"), ("--cache-dir", args.cache_dir, None)):
+        if value is not None and value != default:
+            parts += [flag, str(value)]
+    return shlex.join([*parts, "--resume"])
+

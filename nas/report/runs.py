@@ -135,15 +135,18 @@ def _compress_constraints(path: Path, config: dict[str, Any]) -> tuple[Constrain
 
 def _open(path: Path) -> tuple[Any, dict[str, Any], tuple[Objective, ...], tuple[Constraint, ...]]:
     """The read-only store of a search run (config.json) or of a ``compress --model`` folder."""
+    from ..config import read_json_file
     from ..search import open_store
     from ..store import RunStore
 
     if (path / "config.json").is_file():
         store = open_store(path, read_only=True)
-        config = json.loads((path / "config.json").read_text())
+        config = read_json_file(path / "config.json", "configuration")
         return store, config, store.objectives, store.constraints
     if (path / "compress.json").is_file():
-        config = json.loads((path / "compress.json").read_text())
+        config = read_json_file(path / "compress.json", "compression settings")
+        if config.get("run") is not None:  # the compression of a search run, whose own config.json is gone
+            raise ConfigError(f"{str(path)!r} is a search run folder without its config.json: the run's configuration is lost")
         if not (path / "study.db").is_file():
             raise ConfigError(f"{str(path)!r} holds no study.db yet")
         objectives = parse_objectives(config.get("objectives") or ("val_acc", "onnx_latency_ms"))

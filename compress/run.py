@@ -673,7 +673,6 @@ def user_study_name(out: Path) -> str:
     return name
 
 
-
 def run_compress(
     config: CompressConfig | None = None,
     resume: str | Path | None = None,

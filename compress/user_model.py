@@ -124,7 +124,7 @@ def require_eager(model: UserModel | torch.nn.Module | Any, pass_name: str) -> N
         module, kind = model, None
     if kind in FIXED_GRAPH or _is_script(module):
         raise PolicyError(
-            f"pass {pass_name!r}: a TorchScript or pt2 model can only be quantized (int8) or evaluated; "
+            f"pass {pass_name!r}: a TorchScript model can only be quantized (int8) or evaluated (a pt2 graph too); "
             f"give a builder + state dict to prune it (--model package.module:callable --weights FILE)"
         )
 

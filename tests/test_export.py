@@ -174,10 +174,15 @@ def test_tampered_truncated_and_mismatched_files_are_refused(runs, tmp_path):
     onnx.save(proto, str(tmp_path / "edited.onnx"))
     with pytest.raises(ExportError, match="modified after export"):
         load_export(tmp_path / "edited.onnx")
-    # a forgery that also rewrote the hash loads, but the parity check against the run fails loudly
-    from compress.export_formats import _graph_sha256
+    # a forgery that also rewrote the whole manifest loads (hashes prove integrity, not authorship),
+    # but the parity check against the run fails loudly
+    from compress.export_formats import _seal
+    from compress.export_manifest import STR_KEYS, onnx_sha256
 
-    next(p for p in proto.metadata_props if p.key == "weights_sha256").value = _graph_sha256(proto)
+    meta = {p.key: (p.value if p.key in STR_KEYS else json.loads(p.value)) for p in proto.metadata_props}
+    _seal(meta, *onnx_sha256(proto))
+    for p in proto.metadata_props:
+        p.value = meta[p.key] if p.key in STR_KEYS else json.dumps(meta[p.key])
     onnx.save(proto, str(tmp_path / "forged.onnx"))
     load_export(tmp_path / "forged.onnx")
     with pytest.raises(ExportCheckError, match="max abs diff"):
@@ -200,14 +205,14 @@ def test_tampered_truncated_and_mismatched_files_are_refused(runs, tmp_path):
     shutil.copy(sidecar_path(other), sidecar_path(tmp_path / "mixed.safetensors"))
     with pytest.raises(ExportError, match="does not match its sidecar"):
         load_model(tmp_path / "mixed.safetensors")
-    # a sidecar whose genotype alone was edited: the weights' header names theirs
+    # a sidecar whose genotype alone was edited: its manifest's metadata hash differs
     side = json.loads(sidecar_path(st).read_text())
     sp = get_space("nb201").tiny()
     side["genotype"] = sp.sample(np.random.default_rng(7)).to_str()
     assert side["genotype"] != json.loads(sidecar_path(st).read_text())["genotype"]
     shutil.copy(st, tmp_path / "regen.safetensors")
     sidecar_path(tmp_path / "regen.safetensors").write_text(json.dumps(side))
-    with pytest.raises(ExportError, match="weights were saved for"):
+    with pytest.raises(ExportError, match="metadata were modified"):
         load_model(tmp_path / "regen.safetensors")
     (tmp_path / "lonely.safetensors").write_bytes(blob)
     with pytest.raises(ExportError, match="no sidecar"):

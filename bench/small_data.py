@@ -54,6 +54,15 @@ print(json.dumps({k: m.get(k) for k in ("val_acc", "test_acc", "val_loss", "fold
                  | {"n_done": len(done), "ties": sum(1 for r in done if r["metrics"].get("val_acc") == m.get("val_acc"))}))
 """
 
+# the test accuracy of the run's final-trained model (stage "train")
+FINAL = """
+import json, sys
+from nas.search import open_store
+recs = [r for r in open_store(sys.argv[1], read_only=True).records()
+        if r.get("stage") == "train" and r["status"] == "complete"]
+print(json.dumps({"test_acc": recs[-1]["metrics"]["test_acc"]}))
+"""
+
 
 def read_ts(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A UCR/UEA .ts file: header lines start with '@'; after '@data' one case per line,
@@ -120,7 +129,8 @@ def one_nn(name: str) -> float:
     return float((y[d.argmin(1)] == yt).mean())
 
 
-def search(tree: Path, npz: Path, seed: int, trials: int, epochs: int, out: Path) -> dict:
+def search(tree: Path, npz: Path, seed: int, trials: int, epochs: int, out: Path, final_epochs: int = 0,
+           final_recipe: str = "standard") -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "nas_run", "search", "--dataset", str(npz), "--seed", str(seed),
            "--trials", str(trials), "--epochs", str(epochs), "--out", str(out), "--quiet"]
@@ -134,7 +144,21 @@ def search(tree: Path, npz: Path, seed: int, trials: int, epochs: int, out: Path
         return {"error": (pick.stderr.strip().splitlines() or ["?"])[-1], "minutes": minutes}
     notes = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
              if "batch size" in ln or "cross-validation" in ln or "chance" in ln]
-    return json.loads(pick.stdout) | {"minutes": minutes, "notes": notes[:3]}
+    out_row = json.loads(pick.stdout) | {"minutes": minutes, "notes": notes[:3]}
+    if final_epochs:
+        # the documented next step: train the pick again on train+val (the rows 1-NN sees)
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "nas_run", "train", "--run", str(out), "--epochs", str(final_epochs),
+               "--train-on", "trainval", "--recipe", final_recipe]
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        got = subprocess.run([sys.executable, "-c", FINAL, str(out)], cwd=tree, env=env, capture_output=True,
+                             text=True)
+        ok = proc.returncode == 0 and got.returncode == 0
+        out_row["final_test_acc"] = json.loads(got.stdout)["test_acc"] if ok else None
+        out_row["final_minutes"] = (time.perf_counter() - start) / 60
+        if not ok:
+            out_row["final_error"] = ((proc.stderr or got.stderr).strip().splitlines() or ["?"])[-1]
+    return out_row
 
 
 def worktree(commit: str, where: Path) -> Path:
@@ -150,24 +174,39 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--before", default="e85c3f6", help="commit of 'today's defaults' (before small-data support)")
+    ap.add_argument("--versions", default="now,before", help="which code versions to run")
+    ap.add_argument("--final-epochs", type=int, default=0,
+                    help="also `nas-run train --train-on trainval` the 'now' pick for this many epochs")
+    ap.add_argument("--final-recipe", default="standard")
     ap.add_argument("--out", default=str(ROOT / "results" / "small_data.md"))
+    ap.add_argument("--from-log", help="rebuild the table from the JSON lines a run printed")
     args = ap.parse_args()
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if args.from_log:
+        rows = [json.loads(ln) for ln in Path(args.from_log).read_text().splitlines() if ln.startswith('{"set"')]
+        write_table(rows, args, Path(args.out))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        before = worktree(args.before, tmp / "before")
+        versions = [v.strip() for v in args.versions.split(",")]
+        before = worktree(args.before, tmp / "before") if "before" in versions else None
         try:
             for name in sets:
                 npz, info = write_npz(name, tmp)
                 base = one_nn(name)
                 for seed in range(args.seeds):
                     for label, tree in (("now", ROOT), ("before", before)):
-                        r = search(tree, npz, seed, args.trials, args.epochs, tmp / f"{name}-{label}-{seed}")
+                        if label not in versions:
+                            continue
+                        final = args.final_epochs if label == "now" else 0
+                        r = search(tree, npz, seed, args.trials, args.epochs, tmp / f"{name}-{label}-{seed}",
+                                   final, args.final_recipe)
                         rows.append({"set": name, **info, "seed": seed, "version": label, "one_nn": base, **r})
                         print(json.dumps(rows[-1]), flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
+            if before is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
     write_table(rows, args, Path(args.out))
 
 
@@ -176,7 +215,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         "# Search on small data (UCR/UEA sets from the sktime wheel)",
         "",
         f"Command: `python bench/small_data.py --sets {args.sets} --seeds {args.seeds} --trials {args.trials} "
-        f"--epochs {args.epochs} --before {args.before}`",
+        f"--epochs {args.epochs} --before {args.before} --versions {args.versions} --final-epochs {args.final_epochs}`",
         "",
         f"Each search: `nas-run search --dataset SET.npz --trials {args.trials} --epochs {args.epochs} --seed S` "
         "(defaults otherwise: unireplk 1-D tiny space, random strategy). Test accuracy (official TEST split) of "
@@ -184,8 +223,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         f"'before' = commit {args.before} (batch 64 uncapped, one 20% hold-out, ties to the lowest trial number).",
         "",
         "| set | train | classes | 1-NN | before: mean ± sd | now: mean ± sd | now − before (pts) | now − 1-NN (pts) "
-        "| ties at top before / now | minutes before / now |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| now + train on train+val | ties at top before / now | minutes before / now |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["set"] for r in rows):
         sel = [r for r in rows if r["set"] == name]
@@ -193,7 +232,9 @@ def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
                for v in ("before", "now")}
         ties = {v: np.mean([r.get("ties", 0) for r in sel if r["version"] == v and "ties" in r] or [np.nan])
                 for v in ("before", "now")}
-        mins = {v: sum(r["minutes"] for r in sel if r["version"] == v) for v in ("before", "now")}
+        mins = {v: sum(r["minutes"] + r.get("final_minutes", 0) for r in sel if r["version"] == v)
+                for v in ("before", "now")}
+        final = np.array([r["final_test_acc"] for r in sel if r.get("final_test_acc") is not None])
         errors = [r["error"] for r in sel if "error" in r]
         first = sel[0]
 
@@ -204,11 +245,11 @@ def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         vs_nn = 100 * (acc["now"].mean() - first["one_nn"]) if len(acc["now"]) else float("nan")
         lines.append(
             f"| {name} | {first['train']} | {first['classes']} | {first['one_nn']:.3f} | {ms(acc['before'])} | "
-            f"{ms(acc['now'])} | {diff:+.1f} | {vs_nn:+.1f} | {ties['before']:.1f} / {ties['now']:.1f} | "
+            f"{ms(acc['now'])} | {diff:+.1f} | {vs_nn:+.1f} | {ms(final)} | {ties['before']:.1f} / {ties['now']:.1f} | "
             f"{mins['before']:.1f} / {mins['now']:.1f} |"
         )
         for e in dict.fromkeys(errors):
-            lines.append(f"|  | error: {e} |||||||||")
+            lines.append(f"|  | error: {e} ||||||||||")
     notes = sorted({n for r in rows if r["version"] == "now" for n in r.get("notes", [])})
     if notes:
         lines += ["", "Console notes of the 'now' runs (first seen):", ""] + [f"- `{n}`" for n in notes[:8]]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.collapse import collapse_message
+from nas.collapse import DROP_LIMIT, collapse_message, large_drop_message, large_drop_metrics
 from nas.trial import Reporter
 from search_spaces import Genotype
 
@@ -171,6 +171,9 @@ class CompressionEvaluator:
     # others; a search run's models are classifiers (cross-entropy on logits, accuracy)
     loss: str = "ce"
     metric: str | None = None
+    # points of acc_drop above which a trial is flagged large_drop (`nas.collapse`): the run's
+    # acc_drop constraint when it has one (`compress.run.prepare_compress`)
+    drop_limit: float = DROP_LIMIT
 
     def task(self) -> Task:
         """The task of this run; a user's model's outputs are probed (they may be probabilities)."""
@@ -312,7 +315,9 @@ class CompressionEvaluator:
         out = deploy_policy(pol, self.mergeable).apply(base.module, ctx)
         metrics = self.measure(base, out)
         metrics.update(self.collapse(out, metrics))
-        message = collapse_message(metrics)
+        # every task, a regression or custom metric too: chance is far below what a user accepts
+        metrics.update(large_drop_metrics(metrics["acc_drop"], self.drop_limit))
+        message = collapse_message(metrics) or large_drop_message(metrics)  # collapsed says more
         if message:
             out.notes.append(message)
         metrics["retrained"] = float(base.retrained)

@@ -500,6 +500,10 @@ def prepare_compress(config: CompressConfig | None = None, resume: str | Path | 
                 raise UnknownNameError("metric for compression objectives", o.metric, COMPRESS_METRICS)
         parse = Genotype.from_str
 
+    from nas.collapse import drop_limit
+
+    # a trial losing more than the run allows is flagged (large_drop); 5 points without a constraint
+    evaluator = dataclasses.replace(evaluator, drop_limit=drop_limit(cfg.constraints))
     data = evaluator.data()  # a bad data set fails now
     if cfg.model is not None and cfg.loss is None:
         kind = getattr(data, "label_kind", "classes")

@@ -18,6 +18,15 @@ The metrics are plain floats, so they live in the store like any other: ``collap
 ``chance_acc``, and for a collapsed trial one 0/1 flag per cheaply detectable likely cause
 (`CAUSES`). `collapse_message` turns them into the one-line warning that the console, ``nas-run
 show`` and the HTML report print.
+
+**Large drops.** Chance is far below what a user would accept: the pitch model CREPE lost 42 points
+to structured pruning without reaching it (results/user_models.md), and a regression or custom
+metric has no chance level at all. So every compression trial also gets ``large_drop`` (1.0/0.0):
+``acc_drop`` (points of the task's higher-is-better metric, `compress.tasks`) above ``drop_limit``,
+the run's tightest ``acc_drop`` constraint if it has one, else `DROP_LIMIT` (5 points); a drop of
+exactly the limit meets it (1e-9 tolerance). `large_drop_message` is its warning line. The HTML
+report keeps its own stricter banner (1 point without a constraint, the export check's threshold,
+`nas.report.banners`): it is a review of the run, this one is said while trials run.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from .chance import CHANCE_MARGIN, chance_level
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CAUSES", "MIN_STEPS", "collapse_message", "collapse_metrics", "collapse_threshold", "collapse_warnings"]
+__all__ = ["CAUSES", "DROP_LIMIT", "MIN_STEPS", "collapse_message", "collapse_metrics", "collapse_threshold",
+           "collapse_warnings", "drop_limit", "large_drop_message", "large_drop_metrics", "large_drop_warnings"]
 
 # fewer optimisation steps than this rarely move a network anywhere (a fine-tuning of 1 epoch on a
 # few hundred rows is ~5 steps)
@@ -44,6 +54,54 @@ CAUSES: dict[str, str] = {
                              "cross-entropy on logits flattens their gradients (check --loss)",
     "collapse_few_steps": f"too few optimisation steps (< {MIN_STEPS})",
 }
+
+
+# points of acc_drop above which a trial is flagged when the run sets no acc_drop constraint
+DROP_LIMIT = 5.0
+_DROP_TOLERANCE = 1e-9  # a drop of exactly the limit, stored as 5.000000000000001, meets it
+
+
+def drop_limit(constraints: Any = ()) -> float:
+    """The tightest ``acc_drop <= b`` / ``acc_drop < b`` bound among ``constraints`` (`Constraint`s
+    or their text), else `DROP_LIMIT`."""
+    from .objectives import parse_constraints
+
+    parsed = parse_constraints([str(c) for c in constraints]) if constraints else ()
+    bounds = [c.bound for c in parsed if c.metric == "acc_drop" and c.op in ("<=", "<")]
+    return min(bounds) if bounds else DROP_LIMIT
+
+
+def large_drop_metrics(acc_drop: float, limit: float = DROP_LIMIT) -> dict[str, float]:
+    """``large_drop`` (1.0 when ``acc_drop`` exceeds ``limit`` points) and the ``drop_limit`` used."""
+    return {"large_drop": float(acc_drop > limit + _DROP_TOLERANCE), "drop_limit": float(limit)}
+
+
+def large_drop_message(metrics: Mapping[str, Any]) -> str | None:
+    """The warning line for a trial flagged ``large_drop``, None for any other."""
+    if not _flag(metrics.get("large_drop")):
+        return None
+    drop, limit = metrics.get("acc_drop"), metrics.get("drop_limit")
+    text = "large drop: the compressed model"
+    text += f" loses {drop:.2f} points" if isinstance(drop, int | float) else " loses"
+    val, base = metrics.get("val_acc"), metrics.get("base_val_acc")
+    if isinstance(val, int | float) and isinstance(base, int | float):
+        text += f" (val_acc {val:.4g}, uncompressed {base:.4g})"
+    if isinstance(limit, int | float):
+        text += f", more than the limit of {limit:g}"
+    return text
+
+
+def large_drop_warnings(table: Any) -> list[str]:
+    """One line per trial of a store's ``dataframe()`` flagged ``large_drop`` and not collapsed
+    (a collapsed one says so itself, `collapse_warnings`)."""
+    if table is None or getattr(table, "empty", True) or "large_drop" not in table.columns:
+        return []
+    lines = []
+    for _, row in table[table["large_drop"].fillna(0) >= 0.5].iterrows():
+        message = None if _flag(row.get("collapsed")) else large_drop_message(row.to_dict())
+        if message:
+            lines.append(f"trial {int(row['number'])} {message}")
+    return lines
 
 
 def collapse_threshold(chance: float) -> float:

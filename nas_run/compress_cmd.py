@@ -177,10 +177,11 @@ class CompressProgress:
             flush=True,
         )
         if result.status == "complete":
-            from nas.collapse import collapse_message
+            from nas.collapse import collapse_message, large_drop_message
 
-            warning = collapse_message(m)
-            if warning:  # a destroyed model is said where it happens, not only ranked low
+            # a destroyed model, or one losing more than the run allows, is said where it happens
+            warning = collapse_message(m) or large_drop_message(m)
+            if warning:
                 print(f"      warning: trial {cand.number} {warning}", flush=True)
 
     def summary(self, run: Any) -> None:
@@ -205,11 +206,11 @@ class CompressProgress:
             print(f"constraints: {', '.join(judged)} (violation > 0: broken)", file=out)
         with_pd_options(lambda: print(df[cols].to_string(index=False, max_colwidth=60), file=out))
         for note in _notes(run.out, df):
-            if not note.startswith("collapsed:"):  # said per trial below
+            if not note.startswith(("collapsed:", "large drop:")):  # said per trial below
                 print(f"note: {note}", file=out)
-        from nas.collapse import collapse_warnings
+        from nas.collapse import collapse_warnings, large_drop_warnings
 
-        for line in collapse_warnings(df):
+        for line in collapse_warnings(df) + large_drop_warnings(df):
             print(f"warning: {line}", file=out)
         if (df.get("sparsity") is not None) and (df["sparsity"].fillna(0) > 0.05).any():
             print(

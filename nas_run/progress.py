@@ -179,9 +179,10 @@ class Progress:
                     f"warning: {stuck} of {len(done)} trials ended at chance level: too few steps? (batch size, epochs)",
                     file=self.stream,
                 )
-        from nas.collapse import collapse_warnings
+        from nas.collapse import collapse_warnings, large_drop_warnings
 
-        for line in collapse_warnings(df):  # compression trials of this run that destroyed their model
+        # compression trials of this run that destroyed their model or lost more than it allows
+        for line in collapse_warnings(df) + large_drop_warnings(df):
             print(f"warning: {line}", file=self.stream)
         tables = [run.out / "trials.csv", run.out / "pareto.csv"]
         if all(t.exists() for t in tables):  # written when a search ends (or is interrupted)

@@ -13,7 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from nas.collapse import collapse_message, collapse_metrics, collapse_threshold
+from nas.collapse import (
+    DROP_LIMIT,
+    collapse_message,
+    collapse_metrics,
+    collapse_threshold,
+    drop_limit,
+    large_drop_message,
+    large_drop_metrics,
+    large_drop_warnings,
+)
 from nas_run.cli import main
 
 torch.set_num_threads(1)
@@ -51,6 +60,30 @@ def test_likely_causes_are_checked_on_the_model_and_named() -> None:
     assert collapse_message(collapse_metrics(0.8, TEN, 0.9)) is None
 
 
+def test_large_drop_is_flagged_above_the_limit_and_not_at_it() -> None:
+    assert DROP_LIMIT == 5.0 and drop_limit(()) == 5.0
+    at = 100.0 * (0.90 - 0.85)  # 5.000000000000004: exactly the limit, up to float rounding
+    assert large_drop_metrics(at) == {"large_drop": 0.0, "drop_limit": 5.0}
+    assert large_drop_metrics(5.01)["large_drop"] == 1.0 and large_drop_metrics(-3.0)["large_drop"] == 0.0
+    # a run's acc_drop constraint is the limit (the tightest upper bound); others do not count
+    assert drop_limit(["acc_drop<=2", "onnx_latency_ms<=1", "acc_drop<3"]) == 2.0
+    assert drop_limit(["acc_drop>=1"]) == 5.0
+    assert large_drop_metrics(3.0, drop_limit(["acc_drop<=2"]))["large_drop"] == 1.0
+    # a regression metric's val_acc is -mae: acc_drop = 100 * (base - val) > 0 when the mae grew
+    base, val = -0.10, -0.16
+    m = {**large_drop_metrics(100 * (base - val)), "acc_drop": 100 * (base - val), "val_acc": val, "base_val_acc": base}
+    assert m["large_drop"] == 1.0
+    text = large_drop_message(m)
+    assert text.startswith("large drop:") and "6.00 points" in text and "limit of 5" in text
+    assert large_drop_message({**m, "large_drop": 0.0}) is None
+    table = pd.DataFrame([
+        {"number": 0, **m, "collapsed": float("nan")},
+        {"number": 1, **m, "collapsed": 1.0},  # says so as collapsed
+        {"number": 2, **m, "large_drop": 0.0},
+    ])  # fmt: skip
+    assert large_drop_warnings(table) == [f"trial 0 {text}"]
+
+
 @pytest.fixture(scope="module")
 def trained_weights(tmp_path_factory) -> Path:
     """The test user model trained on digits as the compress command reads them (as stored)."""
@@ -86,6 +119,8 @@ def test_a_zeroed_model_is_flagged_in_metrics_console_show_and_report(trained_we
     row = pd.read_csv(out / "compress.csv").iloc[0]
     assert row.status == "complete" and row.collapsed == 1.0 and row.base_val_acc > 0.5
     assert row.val_acc <= collapse_threshold(row.chance_acc)
+    assert row.large_drop == 1.0 and row.drop_limit == 5.0  # said once, as the collapse it is
+    assert "large drop:" not in console
     assert console.count(f"trial {int(row.number)} collapsed: accuracy at chance") == 2, console  # on_result + summary
     assert "warning:" in console
     kept = next((out / "compressed").glob("*/policy.json"))

@@ -183,7 +183,8 @@ def test_pass_record_and_replay(ctx) -> None:
     policy = Policy.of(("finetune", {"epochs": 1, "lr": 3e-3}))
     out = policy.apply(model, ctx)
     (record,) = out.records
-    assert set(record) == {"pass", "epochs", "kd", "train_loss", "weights_sha1"}
+    assert set(record) == {"pass", "epochs", "kd", "train_loss", "weights_sha1", "keep_best", "best_epoch",
+                           "monitor", "monitor_metric"}
     assert record["epochs"] == 1 and record["kd"] is False and np.isfinite(record["train_loss"])
     assert record["weights_sha1"] == state_dict_sha1(out.model) != state_dict_sha1(model)
     # replay does not train: it gives back the original weights, to be overwritten by the stored ones
@@ -304,3 +305,67 @@ def test_schedule_reaches_the_weights_and_onecycle_is_the_default(ctx) -> None:
     a = Policy.of(("finetune", {"epochs": 1, "lr": 3e-3, "schedule": "cosine"})).apply(small_cnn(), ctx)
     assert a.records[0]["weights_sha1"] == state_dict_sha1(cos)
     assert get_pass("finetune").defaults["schedule"] == "onecycle"
+
+
+# -- keep-best -----------------------------------------------------------------------------------
+def calibration_accuracy(model: nn.Module, ctx: PassContext) -> float:
+    x, y = ctx.calibration()
+    return evaluate_accuracy(model, x, y)
+
+
+def test_keep_best_gives_back_the_incoming_weights_when_fine_tuning_only_hurts(ctx, teacher) -> None:
+    import copy
+
+    before = calibration_accuracy(teacher, ctx)
+    assert before > 0.5
+    kept, last = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    out = train(kept, ctx, epochs=2, lr=10.0, keep_best=True)  # an absurd lr: every epoch is worse
+    assert out["best_epoch"] == 0 and len(out["monitor"]) == 3 and out["monitor_metric"] == "accuracy"
+    # scored with BatchNorm re-estimated, as it ships after the bn_recalib step
+    assert out["monitor"][0] > 0.5 and max(out["monitor"][1:]) < out["monitor"][0]
+    for k, v in kept.state_dict().items():  # weights and BatchNorm buffers as they came in
+        assert torch.equal(v, state[k]), k
+    assert calibration_accuracy(kept, ctx) == before
+    # keep_best=False keeps the damaged last epoch
+    plain = train(last, ctx, epochs=2, lr=10.0, keep_best=False)
+    assert "best_epoch" not in plain and calibration_accuracy(last, ctx) < before
+
+
+def test_keep_best_scoring_does_not_change_training(ctx) -> None:
+    # an untrained model improves at every epoch: the last one is kept, bit for bit what training
+    # without scoring gives (the BatchNorm re-estimation for scoring is undone)
+    a, b = small_cnn(), small_cnn()
+    out = train(a, ctx, epochs=3, lr=1e-2, keep_best=True)
+    train(b, ctx, epochs=3, lr=1e-2, keep_best=False)
+    assert out["best_epoch"] == 3 and out["monitor"][3] > out["monitor"][0] + 0.1
+    assert state_dict_sha1(a) == state_dict_sha1(b)
+
+
+def test_keep_best_keeps_pruned_zeros(ctx, teacher) -> None:
+    import copy
+
+    model = copy.deepcopy(teacher)
+    _magnitude_prune(model, 0.5)
+    zeros = {k: v == 0 for k, v in model.state_dict().items() if k.endswith("weight") and v.ndim > 1}
+    out = train(model, ctx, epochs=2, lr=3e-3, masks=zero_masks(model), keep_best=True)
+    assert out["best_epoch"] > 0  # pruning hurt; fine-tuning recovered something
+    for k, z in zeros.items():
+        assert (model.state_dict()[k][z] == 0).all(), k
+
+
+def test_pass_records_the_best_epoch_and_notes_when_it_kept_the_incoming_weights(ctx, teacher) -> None:
+    import copy
+
+    ctx2 = dataclasses.replace(ctx, notes=[])
+    out = Policy.of(("finetune", {"epochs": 2, "lr": 10.0})).apply(copy.deepcopy(teacher), ctx2)
+    (record,) = out.records
+    assert record["keep_best"] is True and record["best_epoch"] == 0 and len(record["monitor"]) == 3
+    assert record["weights_sha1"] == state_dict_sha1(teacher)
+    assert any(n.startswith("finetune: no epoch beat") for n in out.notes)
+    off = Policy.of(("finetune", {"epochs": 2, "lr": 10.0, "keep_best": False})).apply(
+        copy.deepcopy(teacher), dataclasses.replace(ctx, notes=[]))
+    assert off.records[0]["best_epoch"] == 2 and "monitor" not in off.records[0]
+    assert off.records[0]["weights_sha1"] != state_dict_sha1(teacher)
+    with pytest.raises(PolicyError, match="keep_best"):
+        Policy.of(("finetune", {"keep_best": 1}))

@@ -263,3 +263,26 @@ def test_optimal_beats_uniform():
     msg = f"dense acc {dense_acc:.3f}; (max error, acc, params): {results}"
     assert dense_acc > 0.8, msg
     assert results["optimal"][0] < results["uniform"][0], msg
+
+
+@pytest.mark.parametrize(
+    ("model", "why"),
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), "is the last one"),
+        (nn.Sequential(nn.Flatten(), nn.Unflatten(1, (8, 8)), nn.LSTM(8, 4, batch_first=True)), "no Conv1d"),
+    ],
+)
+def test_nothing_to_factorise_is_said_and_changes_nothing(model, why):
+    if isinstance(model[-1], nn.LSTM):  # an LSTM returns a tuple: a head that keeps the last step
+        class Last(nn.Module):
+            def forward(self, pair):
+                return pair[0][:, -1]
+        model = nn.Sequential(*model, Last())
+    out = _lowrank(target=0.5).apply(model, _ctx())
+    (rec,) = out.records
+    _same_state(model, out.model)
+    assert rec["layers"] == [] and why in rec["noop"]
+    assert [n for n in out.notes if n.startswith("lowrank: no layer to factorise")] == [rec["noop"]]
+    # a pass that did decompose says nothing of the kind
+    done = _lowrank(target=0.5).apply(_cnn(), _ctx())
+    assert "noop" not in done.records[0] and not any("no layer to factorise" in n for n in done.notes)

@@ -21,8 +21,11 @@ teacher's when distilling): probabilities are detected and said once in ``ctx.no
 weights a pruning pass set to zero stay zero (AdamW's momentum and weight decay would otherwise
 revive them).
 
-The pass ``finetune`` wraps `train`. Its record says what happened (epochs, whether KD was on,
-the last epoch's loss, the SHA-1 of the resulting weights) but training is **not replayed**:
+The pass ``finetune`` wraps `train` with ``keep_best`` on by default (setting ``keep_best``): the
+task's metric on the held-out calibration rows before training and after each epoch picks the
+weights it keeps (`compress.passes.best_epoch`), so fine-tuning a model it only damages gives it
+back as it came. Its record says what happened (epochs, whether KD was on, the last epoch's loss,
+``best_epoch``, the metric per epoch as ``monitor``, the SHA-1 of the resulting weights) but training is **not replayed**:
 `replay` returns the model unchanged. Whoever stores a policy's result stores the fine-tuned
 weights (safetensors) next to the records and loads them after replaying the structural passes;
 ``weights_sha1`` lets them check that the weights they load are the ones this pass produced.
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PolicyError
 from .base import PassContext, check_settings, register_pass
+from .best_epoch import BestEpoch
 
 if TYPE_CHECKING:
     import torch
@@ -66,12 +70,19 @@ def train(
     masks: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     schedule: str = "onecycle",
-) -> dict[str, float]:
+    keep_best: bool = False,
+) -> dict[str, Any]:
     """Train ``model`` in place on ``ctx.training()``; returns ``{"train_loss", "epochs"}``.
 
     ``train_loss`` is the mean loss of the last epoch (NaN when ``epochs`` is 0, which trains
     nothing). The model is left in eval mode on ``ctx.device``. Same seed, same data, same
     device: same weights (on the CPU bit for bit). A non-finite loss raises FloatingPointError.
+
+    With ``keep_best`` the task's metric is measured on ``ctx.calibration()`` (rows never trained
+    on) before training and after every epoch, and the best epoch's weights are restored at the
+    end (`compress.passes.best_epoch`; ties go to the later epoch); the result then also holds
+    ``best_epoch`` (0: the weights as they came in), ``monitor`` (the metric per epoch, epoch 0
+    first) and ``monitor_metric``. Scoring does not change the training trajectory.
     """
     import torch
 
@@ -117,6 +128,9 @@ def train(
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = _scheduler(opt, schedule, lr, epochs * steps_per_epoch)
         _apply_masks(applied, params)  # start from the pruned weights exactly
+        best = BestEpoch(model, ctx, device) if keep_best else None
+        if best is not None:
+            best.observe(0)
         mean_loss = float("nan")
         for epoch in range(1, epochs + 1):
             if hasattr(model, "set_drop_path_progress"):  # ScheduledDropPath (NASNet)
@@ -140,10 +154,17 @@ def train(
                 total += loss.item() * len(idx)
                 seen += len(idx)
             mean_loss = total / max(seen, 1)
+            if best is not None:
+                best.observe(epoch)
+        if best is not None:
+            best.restore()
     finally:
         torch.set_num_threads(old_threads)
     model.eval()
-    return {"train_loss": mean_loss, "epochs": epochs}
+    out: dict[str, Any] = {"train_loss": mean_loss, "epochs": epochs}
+    if best is not None:
+        out.update(best_epoch=best.best_epoch, monitor=best.scores, monitor_metric=best.metric_name)
+    return out
 
 
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -366,6 +387,10 @@ class FinetunePass:
         # existed, so their texts keep meaning what they meant; the built-in policies pick
         # their own (compress.run.builtin_policies)
         "schedule": "onecycle",
+        # restore the epoch that scored best on the calibration rows (`compress.passes.best_epoch`);
+        # a policy stored before the setting existed reads as true: its fine-tuned weights are
+        # stored, never re-trained on replay, so only a re-run of that trial sees the difference
+        "keep_best": True,
     }
 
     def validate(self, settings: Mapping[str, Any]) -> None:
@@ -374,6 +399,8 @@ class FinetunePass:
         _check_schedule(s["schedule"])
         if not isinstance(s["kd"], bool):
             raise PolicyError(f"finetune: kd must be true or false, got {s['kd']!r}")
+        if not isinstance(s["keep_best"], bool):
+            raise PolicyError(f"finetune: keep_best must be true or false, got {s['keep_best']!r}")
 
     def apply(self, model: Any, settings: Mapping[str, Any], ctx: PassContext) -> tuple[Any, dict]:
         import torch
@@ -403,13 +430,24 @@ class FinetunePass:
             masks=zero_masks(model),
             seed=ctx.seed,
             schedule=s["schedule"],
+            keep_best=s["keep_best"],
         )
         record = {
             "epochs": s["epochs"],
             "kd": bool(s["kd"]),
             "train_loss": float(out["train_loss"]),
             "weights_sha1": state_dict_sha1(model),
+            "keep_best": s["keep_best"],
+            # the epoch whose weights these are (the last without keep_best) and what picked it
+            "best_epoch": int(out.get("best_epoch", s["epochs"])),
         }
+        if "monitor" in out:
+            record.update(monitor_metric=out["monitor_metric"], monitor=[float(v) for v in out["monitor"]])
+            if record["best_epoch"] == 0:  # said: the policy's fine-tuning was run but left no trace
+                note = (f"finetune: no epoch beat the weights it started from on the held-out calibration "
+                        f"rows ({out['monitor_metric']}); those were kept")
+                if note not in ctx.notes:
+                    ctx.notes.append(note)
         # trained on the GPU a trial was given, if any; the passes after this one (export,
         # int8 calibration) and the measurements run on the CPU
         model.cpu()

@@ -32,6 +32,8 @@ Allocation for a global target (fraction of the decomposable layers' parameters 
 
 The record keeps per layer the rank, groups, shape and error; `replay` recomputes the SVD (float64,
 deterministic) of the same original weights at the same ranks, so it rebuilds the same weights.
+A run that decomposes nothing (a model whose only Conv/Linear is its head, e.g. an LSTM encoder)
+says so in ``ctx.notes`` and in the record's ``noop``, so it is never mistaken for a compression.
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ class LowRankPass:
             )
         model = self.replay(model, {"layers": out_layers}, ctx)
         after = sum(_cost(lay, chosen[n]) for n, lay in layers.items())
+        noop = None if out_layers else _nothing_to_factorise(model, names)
+        if noop is not None and noop not in ctx.notes:  # said: a policy's fine-tuning then runs on the dense model
+            ctx.notes.append(noop)
         record = {
             "layers": out_layers,
             "skipped": skipped,
@@ -165,6 +170,8 @@ class LowRankPass:
             "budget_met": after <= s["target"] * total + 1e-9,
             "max_error": max((d["error"] for d in out_layers), default=0.0),
         }
+        if noop is not None:
+            record["noop"] = noop  # the pass was skipped: why (the per-layer reasons are in "skipped")
         return model, record
 
     # -- replay ----------------------------------------------------------------------------------
@@ -293,6 +300,18 @@ def _default_layers(model: nn.Module) -> list[str]:
     """Every Conv1d/Conv2d/Linear except the last one in module order (the classifier)."""
     names = [n for n, m in model.named_modules() if n and _is_weight_layer(m)]
     return names[:-1]
+
+
+def _nothing_to_factorise(model: nn.Module, names: list[str]) -> str:
+    """The note for a run that decomposed no layer, saying why."""
+    weight_layers = [n for n, m in model.named_modules() if n and _is_weight_layer(m)]
+    if not weight_layers:
+        why = "the model has no Conv1d/Conv2d/Linear layer (recurrent weights are not decomposed)"
+    elif not names:
+        why = f"its only Conv/Linear layer, {weight_layers[0]!r}, is the last one (the head, kept dense)"
+    else:
+        why = "every candidate layer was skipped or kept dense at these settings (see the record's skipped)"
+    return f"lowrank: no layer to factorise: {why}; the model is unchanged"
 
 
 def _linear_inputs_2d(model: nn.Module, names: list[str], ctx: PassContext) -> dict[str, bool]:

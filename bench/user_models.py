@@ -372,6 +372,9 @@ def rows_for(case: ModelCase, out: Path) -> list[dict[str, Any]]:
             if Policy.from_json(meta["policy"]).id == pid:
                 notes = [n for n in meta.get("notes", []) if "no dense-runtime speed-up" not in n]
                 row["applied"] = Policy.from_json(meta.get("applied", meta["policy"])).label()
+                # which fine-tuning epoch keep-best kept, of how many (0: the weights as they came in)
+                ft = [rec for rec in meta.get("records", []) if rec.get("pass") == "finetune" and rec.get("epochs")]
+                row["best_epoch"] = "; ".join(f"{rec.get('best_epoch', rec['epochs'])}/{rec['epochs']}" for rec in ft)
         row["notes"] = notes
         rows.append(row)
     return rows
@@ -384,9 +387,12 @@ def flags_of(row: dict[str, Any]) -> list[str]:
         return out
     drop = row.get("acc_drop")
     collapsed = bool(row.get("collapsed") or 0)
+    large = bool(row.get("large_drop") or 0)
     if collapsed:
         out.append("collapsed (flagged)")
-    if drop is not None and drop > 5 and not collapsed:
+    elif large:
+        out.append("large drop (flagged)")
+    if drop is not None and drop > 5 and not collapsed and not large:
         out.append("**loses > 5 pts, not flagged**")
     return out
 
@@ -423,8 +429,9 @@ def goals(rows: list[dict[str, Any]], cases: list[ModelCase]) -> list[str]:
             continue
         failed = [r for r in mine if r.get("status") != "complete"]
         silent = [r for r in mine if r.get("status") == "complete" and (r.get("acc_drop") or 0) > 5
-                  and not (r.get("collapsed") or 0)]  # fmt: skip
+                  and not (r.get("collapsed") or 0) and not (r.get("large_drop") or 0)]  # fmt: skip
         flagged = [r for r in mine if r.get("status") == "complete" and (r.get("collapsed") or 0)]
+        large = [r for r in mine if r.get("status") == "complete" and (r.get("large_drop") or 0)]
         s03 = [r for r in mine if r["policy_label"].startswith("structured") and "0.3" in r["policy_label"]
                and "int8" not in r["policy_label"] and r.get("status") == "complete"]  # fmt: skip
         s03_text = ", ".join(f"{r['acc_drop']:+.2f} pts" for r in s03) or "no completed trial"
@@ -433,7 +440,8 @@ def goals(rows: list[dict[str, Any]], cases: list[ModelCase]) -> list[str]:
             f"- {case.name}: structured 0.3 + KD ft {s03_text} ({'meets' if ok else 'MISSES'} the <= 2 pts goal); "
             f"{len(silent)} of the {len(mine)} built-in policies lost > 5 pts without a flag"
             + (f" ({', '.join(r['policy_label'] for r in silent)})" if silent else "")
-            + f"; {len(flagged)} flagged as collapsed; {len(failed)} failed"
+            + f"; {len(flagged)} flagged as collapsed, {len(large)} as large drop"
+            + (f" ({', '.join(r['policy_label'] for r in large)})" if large else "") + f"; {len(failed)} failed"
             + (f" ({'; '.join(r['policy_label'] + ': ' + str(r.get('error'))[:160] for r in failed)})" if failed else "")
         )
     return out
@@ -480,7 +488,12 @@ def findings(rows: list[dict[str, Any]], cases: list[ModelCase]) -> list[str]:
                          + "; ".join(f"{r['policy_label']} drop {r['acc_drop']:+.2f} pts" for r in noop))  # fmt: skip
         if all(r.get("collapsed") is None for r in mine):
             lines.append("the collapse guard recorded nothing for this task (no `collapsed` / `chance_acc` in the "
-                         "trials' metrics), so no loss of any size is flagged")  # fmt: skip
+                         "trials' metrics)" + ("; large_drop flags losses over the limit" if any(
+                             r.get("large_drop") is not None for r in mine) else ", so no loss of any size is flagged"))
+        kept = [f"{r['policy_label']} {r['best_epoch']}" for r in mine if r.get("best_epoch")]
+        if kept:
+            lines.append("fine-tuning epoch kept (keep-best on the calibration rows; 0 = the weights as they came in): "
+                         + "; ".join(kept))
         slow = [r for r in builtin if "int8" in r["policy_label"] and (r.get("speedup_b1") or 1) < 0.95]
         if slow:
             lines.append("int8 is slower than the float model in ORT: " + "; ".join(

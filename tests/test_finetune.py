@@ -369,3 +369,33 @@ def test_pass_records_the_best_epoch_and_notes_when_it_kept_the_incoming_weights
     assert off.records[0]["weights_sha1"] != state_dict_sha1(teacher)
     with pytest.raises(PolicyError, match="keep_best"):
         Policy.of(("finetune", {"keep_best": 1}))
+
+
+def test_keep_best_keeps_the_last_epoch_unless_an_earlier_one_is_clearly_better(ctx, teacher) -> None:
+    import copy
+
+    from compress.passes.best_epoch import BestEpoch
+
+    def pick(second: nn.Module) -> tuple[int, list[float]]:
+        model = copy.deepcopy(teacher)
+        best = BestEpoch(model, ctx, torch.device("cpu"))
+        best.observe(0)
+        model.load_state_dict(second.state_dict())
+        best.observe(1)
+        best.restore()
+        assert state_dict_sha1(model) == state_dict_sha1(teacher if best.best_epoch == 0 else second)
+        return best.best_epoch, best.scores
+
+    nudged = copy.deepcopy(teacher)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in nudged.parameters():
+            p.add_(1e-2 * p.abs().mean() * torch.randn_like(p))
+    epoch, scores = pick(nudged)
+    # the incoming weights score one row higher: noise, so the last epoch is kept
+    assert epoch == 1 and 0 < scores[0] - scores[1] < 0.03
+    broken = copy.deepcopy(teacher)
+    with torch.no_grad():
+        broken[-1].weight.mul_(-1.0)  # a head that ranks the classes backwards
+    epoch, scores = pick(broken)
+    assert epoch == 0 and scores[0] > scores[1] + 0.3

@@ -80,7 +80,7 @@ def train(
 
     With ``keep_best`` the task's metric is measured on ``ctx.calibration()`` (rows never trained
     on) before training and after every epoch, and the best epoch's weights are restored at the
-    end (`compress.passes.best_epoch`; ties go to the later epoch); the result then also holds
+    end (`compress.passes.best_epoch`: the last unless an earlier one is clearly better); the result also holds
     ``best_epoch`` (0: the weights as they came in), ``monitor`` (the metric per epoch, epoch 0
     first) and ``monitor_metric``. Scoring does not change the training trajectory.
     """

@@ -140,6 +140,13 @@ def compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def _size(n: float) -> str:
     for unit, div in (("MB", 1e6), ("kB", 1e3)):
         if n >= div:
@@ -201,10 +208,19 @@ class CompressProgress:
         cols = [c for c in ("number", "status", "arch", "val_acc", "acc_drop", "params", "file_bytes",
                             "zip_bytes", "onnx_latency_ms", "speedup", "size_ratio", "violation", "policy")
                 if c in df.columns and (c != "violation" or judged)]
+        shown = df.copy()  # human units on the console; compress.csv keeps the plain numbers
+        for c in ("file_bytes", "zip_bytes"):
+            if c in shown.columns:
+                shown[c] = [_size(v) if v == v else "" for v in shown[c]]
+        if "params" in shown.columns:
+            shown["params"] = [_count(v) if v == v else "" for v in shown["params"]]
+        if "acc_drop" in shown.columns:
+            shown = shown.rename(columns={"acc_drop": "acc_drop_pts"})
+            cols = ["acc_drop_pts" if c == "acc_drop" else c for c in cols]
         print(f"\ncompression: {run.out}   trials: {df['status'].value_counts().to_dict()}", file=out)
         if judged:  # what the violation column was judged against (> 0: broken)
             print(f"constraints: {', '.join(judged)} (violation > 0: broken)", file=out)
-        with_pd_options(lambda: print(df[cols].to_string(index=False, max_colwidth=60), file=out))
+        with_pd_options(lambda: print(shown[cols].to_string(index=False, max_colwidth=60), file=out))
         for note in _notes(run.out, df):
             if not note.startswith(("collapsed:", "large drop:")):  # said per trial below
                 print(f"note: {note}", file=out)

@@ -37,7 +37,7 @@ def _data_cache_in_tmp(tmp_path_factory):
 
 def _finished_trials(db: Path) -> int:
     try:
-        with sqlite3.connect(db) as con:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:  # read-only: never creates the file
             return con.execute(
                 "select count(*) from trials where state in ('COMPLETE', 'PRUNED')"
             ).fetchone()[0]

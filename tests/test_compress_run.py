@@ -110,7 +110,7 @@ def test_low_rank_replay_from_the_kept_records_rebuilds_the_compressed_structure
 
 def _finished_compress(db: Path) -> int:
     try:
-        with sqlite3.connect(db) as con:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:  # read-only: never creates the file
             return con.execute(
                 "select count(*) from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
                 "where a.key = 'stage' and a.value_json = '\"compress\"' and t.state = 'COMPLETE'"

@@ -206,8 +206,8 @@ def test_policy_search_records_pairs_and_the_surrogate_runs(weights, tmp_path, c
 
 
 def _finished(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as con:
+    try:  # read-only URI: polling must not create an empty study.db before the run does
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
             return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
     except sqlite3.Error:
         return 0

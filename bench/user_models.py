@@ -528,7 +528,7 @@ def main() -> None:
     ap.add_argument("--n-train-lstm", type=int, default=800, help="Resemblyzer (an LSTM over 160 steps: slow on CPU)")
     ap.add_argument("--n-val-lstm", type=int, default=200)
     ap.add_argument("--n-test-lstm", type=int, default=200)
-    ap.add_argument("--ft-epochs", type=int, default=4, help="fine-tuning epochs of the built-in policies")
+    ap.add_argument("--ft-epochs", type=int, default=8, help="fine-tuning epochs of the built-in policies (the product default)")
     ap.add_argument("--out", default=str(ROOT / "results" / "user_models.md"))
     ap.add_argument("--fresh", action="store_true", help="delete earlier compression runs in --work first")
     ap.add_argument("--report-only", action="store_true",

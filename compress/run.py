@@ -85,7 +85,7 @@ class CompressConfig:
     policies: tuple[str, ...] = ()  # canonical policy texts; empty: the built-in set
     nni_config: str | None = None  # an NNI pruning config_list file: turned into one more policy
     objectives: tuple[str, ...] = ("val_acc", "onnx_latency_ms")  # --model runs (a run keeps its own)
-    finetune_epochs: int = 4  # of the built-in policies
+    finetune_epochs: int = 8  # of the built-in policies (keep-best makes more epochs safe for pretrained models)
     finetune_lr: float = 3e-3  # of the built-in policies (the search's own training lr)
     seed: int = 0
     calib_size: int = 256
@@ -311,7 +311,7 @@ def _check_rerun(cfg: CompressConfig) -> None:
             )
 
 
-def builtin_policies(finetune_epochs: int = 4, lr: float = 3e-3) -> list[Policy]:
+def builtin_policies(finetune_epochs: int = 8, lr: float = 3e-3) -> list[Policy]:
     """What `nas-run compress` tries when no policy is given: one of each kind, and a chain.
 
     Fine-tuning after structural changes distils from the uncompressed model (soft targets
@@ -346,7 +346,7 @@ def policy_from_flags(
     lowrank: float | None = None,
     int8: bool = False,
     kd: bool = False,
-    finetune_epochs: int = 4,
+    finetune_epochs: int = 8,
     importance: str = "l1",
     finetune_lr: float = 3e-3,
 ) -> Policy | None:

@@ -43,7 +43,7 @@ def add_compress_parser(sub: Any) -> None:
     pol.add_argument("--lowrank", metavar="TARGET", help="low-rank SVD: '2x' (2x fewer parameters) or a kept fraction")
     pol.add_argument("--int8", action="store_true", help="ONNX Runtime post-training int8 (last)")
     pol.add_argument("--kd", action="store_true", help="fine-tune by distillation from the uncompressed model")
-    pol.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/low-rank (default 4)")
+    pol.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/low-rank (default 8)")
     pol.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default 3e-3)")
     pol.add_argument("--policy", action="append", metavar="FILE", help="a policy file (JSON/TOML/YAML), repeatable")
     pol.add_argument("--nni-config", metavar="FILE", help="an NNI pruning config_list (JSON/YAML/TOML) as one more policy")
@@ -113,7 +113,7 @@ def compress_command(args: argparse.Namespace) -> int:
             raise ConfigError("--objectives goes with --model or --search; a run's fixed-list compression trials "
                               "use the run's objectives")
         settings["objectives"] = tuple(s.strip() for s in args.objectives.split(",") if s.strip())
-    epochs = args.finetune_epochs if args.finetune_epochs is not None else 4
+    epochs = args.finetune_epochs if args.finetune_epochs is not None else 8
     lr = args.finetune_lr if args.finetune_lr is not None else 3e-3
     for name, value in (("--prune", args.prune), ("--sparsity", args.sparsity)):
         if value is not None and not 0 <= value < 1:

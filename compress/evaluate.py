@@ -401,7 +401,6 @@ class CompressionEvaluator:
     def collapse(self, out: Compressed, metrics: dict[str, float]) -> dict[str, float]:
         """The collapse guard (`nas.collapse`): flagged when the compressed model scores near chance
         while the uncompressed one did not, with the likely causes checked on the float model."""
-        import math
 
         from nas.collapse import collapse_metrics
 
@@ -409,11 +408,9 @@ class CompressionEvaluator:
         # chance is a majority-class share: it means something for class labels scored by accuracy only
         if data.label_kind != "classes" or self.metric not in (None, "accuracy") or self.loss in ("mse", "l1"):
             return {}
-        steps = None  # fine-tuning's optimisation steps (None: no fine-tuning to blame)
-        rows = len(PassContext(data=data, seed=self.seed, calib_size=self.calib_size)._split()[1])
-        for spec, r in zip(out.policy.passes, out.records, strict=True):
-            if spec.name == "finetune" and r.get("epochs"):
-                steps = (steps or 0) + int(r["epochs"]) * math.ceil(rows / int(spec.settings["batch_size"]))
+        # fine-tuning's optimisation steps, as its records counted them (None: no fine-tuning to blame)
+        done = [int(r["steps"]) for r in out.records if r.get("pass") == "finetune" and r.get("steps")]
+        steps = sum(done) if done else None
         recalibrated = any(r.get("pass") == "bn_recalib" and r.get("bn_layers") for r in out.records)
         return collapse_metrics(metrics["val_acc"], data.y_val, base_acc=metrics.get("base_val_acc"),
                                 model=out.float_model, x=data.x_val[:64], steps=steps, recalibrated=recalibrated)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas.integrity import file_sha256
 from search_spaces import Genotype, get_space
 
 from .errors import PolicyError
@@ -391,7 +392,7 @@ def _write_safetensors(path: Path, model: Any, meta: dict[str, Any]) -> dict[str
     header = {"format": "nas-run", "format_version": str(FORMAT_VERSION), "genotype": str(meta["genotype"]),
               "policy_id": str(meta.get("policy_id", "none"))}
     save_file(state, str(path), metadata=header)
-    _seal(meta, _file_sha256(path), None)
+    _seal(meta, file_sha256(path), None)
     sidecar_path(path).write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -550,10 +551,6 @@ def _load_safetensors(p: Path, meta: dict[str, Any]) -> Exported:
 # helpers
 
 
-def _graph_sha256(proto: Any) -> str:
-    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
-
-
 def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     import torch
 
@@ -563,11 +560,6 @@ def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _file_sha256(p: Path) -> str:
-    with open(p, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _plain(value: Any) -> Any:

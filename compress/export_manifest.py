@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.integrity import file_sha256
+
 from .errors import PolicyError
 
 __all__ = ["ExportError", "ManifestCheck", "check_export", "meta_sha256", "sniff", "zip_sha256"]
@@ -119,11 +121,6 @@ def onnx_sha256(proto: Any) -> tuple[str, str]:
     del bare.metadata_props[:]
     return (hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest(),
             hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest())
-
-
-def file_sha256(p: Path) -> str:
-    with open(p, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_export(path: Path) -> ManifestCheck:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nas.objectives import Constraint, Objective, losses, parse_constraints
+from nas.objectives import Constraint, Objective, acc_drop_bounds, losses, parse_constraints
 from nas.store import tie_break
 from search_spaces import ConfigError
 
@@ -235,9 +235,8 @@ def _knee(idx: Sequence[int], pts: Sequence[tuple[float, ...] | None], order: Ca
 def drop_limit(rule_where: Sequence[Constraint], *run_constraints: Sequence[Constraint]) -> tuple[float, str]:
     """The largest accuracy drop (points) an export may show against its float base: the tightest
     ``acc_drop<=X`` of the ``--pick`` rule or the run, else `DEFAULT_DROP_LIMIT`; and whence."""
-    found = [(c.bound, f"--pick {c}") for c in rule_where if c.metric == "acc_drop" and c.op in ("<=", "<")]
-    found += [(c.bound, f"the run's constraint {c}") for cs in run_constraints for c in cs
-              if c.metric == "acc_drop" and c.op in ("<=", "<")]
+    found = [(c.bound, f"--pick {c}") for c in acc_drop_bounds(rule_where)]
+    found += [(c.bound, f"the run's constraint {c}") for cs in run_constraints for c in acc_drop_bounds(cs)]
     if not found:
         return DEFAULT_DROP_LIMIT, "the default"
     return min(found)

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas.integrity import file_sha256
+
 from .errors import PolicyError
 
 if TYPE_CHECKING:
@@ -304,9 +306,9 @@ def portable_builder(spec: str) -> tuple[str, str | None]:
     target, attr = builder
     if _is_file_target(target):
         path = Path(target).expanduser().resolve()
-        return f"{path}:{attr}", _file_sha256(path) if path.is_file() else None
+        return f"{path}:{attr}", file_sha256(path) if path.is_file() else None
     found = _source_of(target)
-    return spec, _file_sha256(found) if found else None
+    return spec, file_sha256(found) if found else None
 
 
 def check_builder(spec: str, sha256: str | None) -> None:
@@ -321,7 +323,7 @@ def check_builder(spec: str, sha256: str | None) -> None:
         if _is_file_target(target):
             raise PolicyError(f"builder file {target!r} not found (the export names it by its absolute path)")
         return
-    if _file_sha256(path) == sha256:
+    if file_sha256(path) == sha256:
         return
     if _is_file_target(target):
         raise PolicyError(
@@ -339,11 +341,6 @@ def _source_of(module: str) -> Path | None:
     except (ImportError, ValueError):
         return None
     return Path(found.origin) if found is not None and found.origin and found.origin.endswith(".py") else None
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # -- files ---------------------------------------------------------------------------------------

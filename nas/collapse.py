@@ -58,22 +58,22 @@ CAUSES: dict[str, str] = {
 
 # points of acc_drop above which a trial is flagged when the run sets no acc_drop constraint
 DROP_LIMIT = 5.0
-_DROP_TOLERANCE = 1e-9  # a drop of exactly the limit, stored as 5.000000000000001, meets it
 
 
 def drop_limit(constraints: Any = ()) -> float:
     """The tightest ``acc_drop <= b`` / ``acc_drop < b`` bound among ``constraints`` (`Constraint`s
     or their text), else `DROP_LIMIT`."""
-    from .objectives import parse_constraints
+    from .objectives import acc_drop_bounds
 
-    parsed = parse_constraints([str(c) for c in constraints]) if constraints else ()
-    bounds = [c.bound for c in parsed if c.metric == "acc_drop" and c.op in ("<=", "<")]
-    return min(bounds) if bounds else DROP_LIMIT
+    return min((c.bound for c in acc_drop_bounds(constraints)), default=DROP_LIMIT)
 
 
 def large_drop_metrics(acc_drop: float, limit: float = DROP_LIMIT) -> dict[str, float]:
     """``large_drop`` (1.0 when ``acc_drop`` exceeds ``limit`` points) and the ``drop_limit`` used."""
-    return {"large_drop": float(acc_drop > limit + _DROP_TOLERANCE), "drop_limit": float(limit)}
+    from .objectives import Constraint
+
+    met = Constraint("acc_drop", "<=", limit).satisfied({"acc_drop": acc_drop})  # exactly the limit meets it
+    return {"large_drop": float(not met and acc_drop == acc_drop), "drop_limit": float(limit)}  # NaN: unknown
 
 
 def large_drop_message(metrics: Mapping[str, Any]) -> str | None:

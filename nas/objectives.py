@@ -136,6 +136,14 @@ def parse_constraints(specs: str | Sequence[str] | None) -> tuple[Constraint, ..
     return tuple(out)
 
 
+def acc_drop_bounds(constraints: Sequence[Constraint | str] | None) -> tuple[Constraint, ...]:
+    """The upper bounds on ``acc_drop`` (``acc_drop<=b`` / ``acc_drop<b``) among ``constraints``
+    (`Constraint`s or their text): what the large-drop flag, export's drop check and the report's
+    banner each judge a compression against (each with its own default when there is none)."""
+    parsed = [c if isinstance(c, Constraint) else parse_constraints(str(c))[0] for c in constraints or ()]
+    return tuple(c for c in parsed if c.metric == "acc_drop" and c.op in ("<=", "<"))
+
+
 def losses(objectives: Sequence[Objective], metrics: Mapping[str, float]) -> tuple[float, ...] | None:
     """Objective values as losses, or None if any is missing or not finite (a failed trial)."""
     out = []

@@ -140,26 +140,13 @@ def compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(n: float) -> str:
-    for unit, div in (("M", 1e6), ("k", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def _size(n: float) -> str:
-    for unit, div in (("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}B"
-
-
 class CompressProgress:
     def __init__(self, quiet: bool = False):
         self.quiet, self.start, self.done = quiet, time.perf_counter(), 0
 
     def on_result(self, cand: Any, result: Any) -> None:
         from compress.policy import Policy
+        from nas.report.units import human
 
         self.done += 1
         if self.quiet:
@@ -168,7 +155,7 @@ class CompressProgress:
         label = Policy.from_json(cand.policy).label()
         if result.status == "complete":
             text = (
-                f"val_acc={m['val_acc']:.4f} (drop {m['acc_drop']:+.2f} pts) file={_size(m['file_bytes'])} "
+                f"val_acc={m['val_acc']:.4f} (drop {m['acc_drop']:+.2f} pts) file={human(m['file_bytes'], 'file_bytes')} "
                 f"ort={m['onnx_latency_ms']:.3f}ms speedup={m['speedup']:.2f}x"
             )
             if "params" in m:
@@ -198,6 +185,7 @@ class CompressProgress:
             print("no compression trials", file=out)
             return
         from compress.policy import Policy
+        from nas.report.units import human, label
 
         df = df.copy()
         df["policy_text"] = df["policy"]
@@ -208,15 +196,12 @@ class CompressProgress:
         cols = [c for c in ("number", "status", "arch", "val_acc", "acc_drop", "params", "file_bytes",
                             "zip_bytes", "onnx_latency_ms", "speedup", "size_ratio", "violation", "policy")
                 if c in df.columns and (c != "violation" or judged)]
-        shown = df.copy()  # human units on the console; compress.csv keeps the plain numbers
-        for c in ("file_bytes", "zip_bytes"):
+        shown = df.copy()  # human units on the console; compress.csv keeps the numbers
+        for c in ("params", "file_bytes", "zip_bytes"):
             if c in shown.columns:
-                shown[c] = [_size(v) if v == v else "" for v in shown[c]]
-        if "params" in shown.columns:
-            shown["params"] = [_count(v) if v == v else "" for v in shown["params"]]
-        if "acc_drop" in shown.columns:
-            shown = shown.rename(columns={"acc_drop": "acc_drop_pts"})
-            cols = ["acc_drop_pts" if c == "acc_drop" else c for c in cols]
+                shown[c] = [human(v, c) for v in shown[c]]
+        shown = shown.rename(columns={"acc_drop": label("acc_drop")})
+        cols = [label("acc_drop") if c == "acc_drop" else c for c in cols]
         print(f"\ncompression: {run.out}   trials: {df['status'].value_counts().to_dict()}", file=out)
         if judged:  # what the violation column was judged against (> 0: broken)
             print(f"constraints: {', '.join(judged)} (violation > 0: broken)", file=out)

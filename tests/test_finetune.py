@@ -60,7 +60,9 @@ def test_training_improves_an_untrained_cnn(ctx, digits) -> None:
     out = train(model, ctx, epochs=4, lr=1e-2)
     after = evaluate_accuracy(model, digits.x_val, digits.y_val)
     assert after > before + 0.1
-    assert set(out) == {"train_loss", "epochs"} and out["epochs"] == 4
+    assert set(out) == {"train_loss", "epochs", "steps"} and out["epochs"] == 4
+    rows = len(ctx.training()[1])  # batch 64 (not cut: digits is large enough), a lone last row dropped
+    assert out["steps"] == 4 * -(-(rows - (rows % 64 == 1)) // 64)
     assert np.isfinite(out["train_loss"]) and out["train_loss"] < np.log(10)  # below chance level
     assert not model.training  # left ready for evaluation
 
@@ -183,9 +185,10 @@ def test_pass_record_and_replay(ctx) -> None:
     policy = Policy.of(("finetune", {"epochs": 1, "lr": 3e-3}))
     out = policy.apply(model, ctx)
     (record,) = out.records
-    assert set(record) == {"pass", "epochs", "kd", "train_loss", "weights_sha1", "keep_best", "best_epoch",
+    assert set(record) == {"pass", "epochs", "kd", "train_loss", "steps", "weights_sha1", "keep_best", "best_epoch",
                            "monitor", "monitor_metric"}
     assert record["epochs"] == 1 and record["kd"] is False and np.isfinite(record["train_loss"])
+    assert record["steps"] >= 8  # one epoch of at least 8 steps (the batch is cut on small data)
     assert record["weights_sha1"] == state_dict_sha1(out.model) != state_dict_sha1(model)
     # replay does not train: it gives back the original weights, to be overwritten by the stored ones
     replayed = policy.replay(model, out.records, ctx)

@@ -93,7 +93,7 @@ def train(
     model.to(device)
     if epochs == 0:
         model.eval()
-        return {"train_loss": float("nan"), "epochs": 0}
+        return {"train_loss": float("nan"), "epochs": 0, "steps": 0}
     params = dict(model.named_parameters())
     applied = _checked_masks(masks or {}, params, device)
 
@@ -161,7 +161,7 @@ def train(
     finally:
         torch.set_num_threads(old_threads)
     model.eval()
-    out: dict[str, Any] = {"train_loss": mean_loss, "epochs": epochs}
+    out: dict[str, Any] = {"train_loss": mean_loss, "epochs": epochs, "steps": epochs * steps_per_epoch}
     if best is not None:
         out.update(best_epoch=best.best_epoch, monitor=best.scores, monitor_metric=best.metric_name)
     return out
@@ -436,6 +436,7 @@ class FinetunePass:
             "epochs": s["epochs"],
             "kd": bool(s["kd"]),
             "train_loss": float(out["train_loss"]),
+            "steps": int(out["steps"]),  # optimisation steps, with the batch as cut for small data
             "weights_sha1": state_dict_sha1(model),
             "keep_best": s["keep_best"],
             # the epoch whose weights these are (the last without keep_best) and what picked it

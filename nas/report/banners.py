@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..objectives import Constraint, acc_drop_bounds
 from .runs import RunData
 from .units import human
 
-__all__ = ["DEFAULT_DROP_LIMIT", "TOLERANCE", "banners"]
+__all__ = ["DEFAULT_DROP_LIMIT", "banners"]
 
 # without an acc_drop constraint a compression losing more than 1 point is still worth a warning
 # (the export check's threshold, #19)
 DEFAULT_DROP_LIMIT = 1.0
-# a drop of exactly the bound meets it: 0.3 stored as 0.30000000000000004 must not be flagged
-TOLERANCE = 1e-9
 _MAX_LINES = 10
 
 
@@ -52,18 +51,19 @@ def _at_chance(run: RunData) -> tuple[str, list[str]] | None:
     return head, lines
 
 
-def _drop_limits(run: RunData) -> tuple[list[tuple[str, float]], str]:
-    """(op, bound) of the run's acc_drop upper bounds (search and compression constraints), and
-    how the banner names them."""
+def _drop_limits(run: RunData) -> tuple[tuple[Constraint, ...], str]:
+    """The run's acc_drop upper bounds (search and compression constraints), and how the banner
+    names them."""
     cs = {str(c): c for c in (*run.constraints, *run.compress_constraints)}.values()
-    limits = [(c.op, c.bound) for c in cs if c.metric == "acc_drop" and c.op in ("<=", "<")]
+    limits = acc_drop_bounds(tuple(cs))
     if limits:
-        return limits, "the run's constraint " + ", ".join(f"acc_drop{op}{b:g} points" for op, b in limits)
-    return [("<=", DEFAULT_DROP_LIMIT)], f"{DEFAULT_DROP_LIMIT:g} point (the run sets no acc_drop constraint)"
+        return limits, "the run's constraint " + ", ".join(f"{c} points" for c in limits)
+    named = f"{DEFAULT_DROP_LIMIT:g} point (the run sets no acc_drop constraint)"
+    return (Constraint("acc_drop", "<=", DEFAULT_DROP_LIMIT),), named
 
 
-def _over(drop: float, limits: list[tuple[str, float]]) -> bool:
-    return any(drop > b + TOLERANCE if op == "<=" else drop >= b - TOLERANCE for op, b in limits)
+def _over(drop: float, limits: tuple[Constraint, ...]) -> bool:
+    return not all(c.satisfied({"acc_drop": drop}) for c in limits)
 
 
 def _drops(run: RunData) -> tuple[str, list[str]] | None:

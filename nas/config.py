@@ -47,6 +47,10 @@ class SearchConfig:
     joint: bool = False
     joint_policy: str = "prune+int8"
     joint_options: Mapping[str, Any] = field(default_factory=dict)
+    # weight inheritance (EAS / Net2Net, `nas.inherit`): a proposal one or two decisions from a
+    # trained trial starts from its weights and trains `inherit_epochs` (None: a quarter of `epochs`)
+    inherit: bool = False
+    inherit_epochs: int | None = None
     # training: a recipe by name (quick, standard, darts) or a table ({base = "standard", lr = 0.05, ...});
     # batch_size / lr, when given, override the recipe's (quick: 64, 3e-3)
     recipe: str | Mapping[str, Any] = "quick"
@@ -83,6 +87,14 @@ class SearchConfig:
             _positive("batch_size", self.batch_size)
         if self.cv is not None:
             _positive("cv", self.cv)
+        if self.inherit_epochs is not None:
+            _positive("inherit_epochs", self.inherit_epochs, MAX_COUNT)
+            if not self.inherit:
+                raise ConfigError("inherit_epochs is set but inherit is off: add --inherit (inherit = true)")
+        if self.inherit and self.joint:
+            raise ConfigError("inherit applies to architecture searches, not to --joint runs")
+        if self.inherit and self.cv is not None and self.cv > 1:
+            raise ConfigError(f"inherit needs cv = 1 (a parent trained on one split; got cv = {self.cv})")
         v = self.val_fraction
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
             raise ConfigError(f"val_fraction must be a number strictly between 0 and 1, got {v!r}")
@@ -157,7 +169,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
         raise ConfigError(f"recipe in {source} must be a name (quick, standard, darts) or a table, got {value!r}")
-    if key in ("batch_size", "cv") and value is not None:
+    if key in ("batch_size", "cv", "inherit_epochs") and value is not None:
         _positive(key, value)
         return value
     if key == "lr" and value is not None:

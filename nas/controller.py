@@ -10,6 +10,7 @@ in flight are marked failed and run again first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 from search_spaces import ConfigError, Genotype, SearchSpace
 
+from .inherit import Lineage, Parent
 from .objectives import Constraint, Objective, losses, violation_of
 from .store import RunStore
 from .strategies.base import SpaceExhausted, Strategy
@@ -105,8 +107,10 @@ class SearchController:
         objectives: Sequence[Objective] | None = None,
         constraints: Sequence[Constraint] | None = None,
         record: Mapping[str, Any] | None = None,
+        lineage: Lineage | None = None,
     ):
-        """``rows``: how proposals become store rows (default: architectures). ``record``: fields
+        """``lineage``: weight inheritance (`nas.inherit`): a proposal near a trained trial starts
+        from its weights and trains ``lineage.inherit_epochs``. ``rows``: how proposals become store rows (default: architectures). ``record``: fields
         written into every trial's record (the training recipe). ``objectives`` /
         ``constraints``: what the strategy is told, when they differ from the store's (a policy
         search in a search run's store has its own; its violations are computed here from the
@@ -117,6 +121,7 @@ class SearchController:
         self.static_metrics = static_metrics
         self.max_rejections = max_rejections
         self.record = dict(record or {})
+        self.lineage = lineage
         self.rows: ProposalRows = rows if rows is not None else ArchitectureRows(strategy.space)
         self.objectives: tuple[Objective, ...] = tuple(objectives) if objectives is not None else store.objectives
         self._own_constraints = constraints is not None
@@ -138,6 +143,8 @@ class SearchController:
             self.strategy.load_state_dict(saved["strategy"])
             self.told = set(saved["told"])
             self.retries = {str(k): int(v) for k, v in saved.get("retries", {}).items()}
+            if self.lineage is not None:
+                self.lineage.load_state(saved.get("parents", {}))
         else:
             saved = {}
         interrupted = self.store.interrupted(stages=self.rows.stages)
@@ -166,6 +173,9 @@ class SearchController:
             self._tell(rec["number"], g, rec["status"], rec["metrics"],
                        self._violation(rec["status"], rec["metrics"], rec.get("violation")))
             self.resumed_told += 1
+        for rec, g in zip(records, proposals, strict=True):  # every trained one, told before or not
+            if g is not None and rec["status"] == "complete":
+                self._trained(rec["number"], g, int(rec["budget"]), rec["metrics"], rec.get("lineage_epochs"))
         # counted once here, then kept up to date by `finish` (no store scan per ask)
         self._counted = sum(
             uses_evaluation(r["status"], str(r.get("error") or ""))
@@ -197,6 +207,8 @@ class SearchController:
             "requeued": [g.to_str() for g in todo],
             "rows": self._rows,  # store rows when saved: tells resume whether `pending` was opened
             "retries": self.retries,
+            # the parent each proposal got: a resumed run makes the same children from the same weights
+            **({"parents": self.lineage.state()} if self.lineage is not None else {}),
         }
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)  # atomic: a kill never leaves half a file
@@ -235,22 +247,28 @@ class SearchController:
             f"{[str(c) for c in self.constraints]} before training; loosen them or change the space"
         )
 
-    def _start_row(self, proposal: Genotype) -> int:
+    def _start_row(self, proposal: Genotype, budget: int | None = None, extra: Mapping[str, Any] | None = None) -> int:
         genotype_str, genotype_id, policy = self.rows.row(proposal)
         number = self.store.start(
-            genotype_str, genotype_id, self.budget, self.strategy.name, self.seed,
+            genotype_str, genotype_id, self.budget if budget is None else budget, self.strategy.name, self.seed,
             policy=policy, stage=str(self.rows.stages[0]),
             # the proposal is kept when it is not the genotype itself (a policy search's)
-            extra={**self.record, **({"proposal": proposal.to_str()} if proposal.to_str() != genotype_str else {})},
+            extra={**self.record, **dict(extra or {}),
+                   **({"proposal": proposal.to_str()} if proposal.to_str() != genotype_str else {})},
         )
         self._rows = number + 1
         return number
 
     def _open(self, proposal: Genotype) -> Candidate:
-        self._save(pending=proposal)
-        number = self._start_row(proposal)
+        parent = self.lineage.parent_for(proposal) if self.lineage is not None else None
+        self._save(pending=proposal)  # the parent's choice with it
+        budget = self.lineage.budget(parent) if self.lineage is not None else self.budget
+        extra = self.lineage.record(parent) if self.lineage is not None else {}
+        number = self._start_row(proposal, budget, extra)
         # no second save here: the saved `rows` already tells resume this candidate got a row
-        cand = self.rows.candidate(proposal, self.budget, number)
+        cand = self.rows.candidate(proposal, budget, number)
+        if parent is not None:
+            cand = dataclasses.replace(cand, parent=parent.to_text())
         self.in_flight[number] = cand
         self._proposals[number] = proposal
         return cand
@@ -283,6 +301,10 @@ class SearchController:
         self.in_flight.pop(candidate.number, None)
         proposal = self._proposals.pop(candidate.number, candidate.genotype)
         self._counted += uses_evaluation(result.status, result.error)
+        if result.status == "complete" and self.lineage is not None:
+            parent = Parent.from_text(candidate.parent) if candidate.parent else None
+            epochs = self.lineage.record(parent)["lineage_epochs"]
+            self._trained(candidate.number, proposal, candidate.budget, result.metrics, epochs)
         self._tell(candidate.number, proposal, result.status, result.metrics, violation)
         self._save()
 
@@ -329,6 +351,13 @@ class SearchController:
         self.in_flight.pop(candidate.number, None)
         self._proposals.pop(candidate.number, None)
         return True
+
+    def _trained(self, number: int, g: Genotype, budget: int, metrics: Mapping[str, float], lineage: Any) -> None:
+        """A complete trial: a parent for later proposals, when inheritance is on."""
+        if self.lineage is None:
+            return
+        ys = losses(self.objectives[:1], metrics)
+        self.lineage.add_trained(number, g, budget, None if ys is None else ys[0], lineage)
 
     def _tell(
         self, number: int, g: Genotype, status: str, metrics: Mapping[str, float], violation: float

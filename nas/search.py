@@ -269,9 +269,17 @@ def prepare_run(
         from .runners.ray_tune import check_ray_address
 
         check_ray_address(cfg.ray_address)
+    lineage = None
+    if cfg.inherit:
+        from .inherit import Lineage, default_inherit_epochs
+
+        lineage = Lineage(space, cfg.epochs, cfg.inherit_epochs or default_inherit_epochs(cfg.epochs),
+                          evaluator.weights_path)
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
         given = plan.surrogate_options(space, evaluator) if plan is not None else {"stats_fn": _model_statistics(evaluator)}
+        if cfg.inherit:  # children of trained trials only (distance 1-2): a uniform sample would train from scratch
+            given = {**given, "mutant_fraction": 1.0, "trial_features": lineage.features if lineage else None}
         options = {**{k: v for k, v in given.items() if v is not None}, **options}  # the config's own win
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
     if plan is not None:
@@ -309,6 +317,7 @@ def prepare_run(
         static_metrics=static,
         rows=rows,
         record=evaluator.record() if hasattr(evaluator, "record") else None,
+        lineage=lineage,
     )
     return SearchRun(out, cfg, store, controller, evaluator, space, lock, created, parse, notes)
 
@@ -329,6 +338,10 @@ def _small_data(cfg: SearchConfig, evaluator: Any, architectures: bool) -> tuple
         if cfg.cv is not None and cfg.cv > 1:
             raise ConfigError("cv applies to architecture searches; a joint run measures compressed pairs: use cv = 1")
         cv = 1
+    elif cfg.cv is None and cfg.inherit:
+        cv = 1  # a parent's weights trained on the run's split: other folds would validate on its training data
+        if default_cv(data) > 1:
+            notes.append(f"cross-validation off: inherited weights trained on one split ({pool} train+val samples)")
     elif cfg.cv is None:
         cv = default_cv(data)
         if cv > 1:

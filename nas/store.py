@@ -82,6 +82,10 @@ def check_sqlite(url: str) -> None:
         raise ConfigError(f"{path} is damaged (SQLite integrity check: {detail}); the run's store cannot be read")
 
 
+# a trial's inheritance record (`nas.inherit.Lineage.record`)
+INHERIT_FIELDS = ("parent", "parent_genotype", "parent_distance", "inherit_epochs", "lineage_epochs")
+
+
 class RunStore:
     """Read/write access to one run's study. Only the driver process writes."""
 
@@ -279,6 +283,8 @@ class RunStore:
                 "datetime_complete": t.datetime_complete,
                 "metrics": dict(a.get("metrics") or {}),
             }
+            # weight inheritance (`nas.inherit`): only in runs that use it, so other tables keep their columns
+            row.update({k: a[k] for k in INHERIT_FIELDS if k in a})
             rows.append(row)
         return rows
 

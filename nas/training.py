@@ -126,10 +126,18 @@ class TrainingEvaluator:
         return trainer.eval_model(), val_acc, trainer.device
 
     def trainer(
-        self, genotype: Genotype, budget: int, progress: bool = False, data: Dataset | None = None
+        self,
+        genotype: Genotype,
+        budget: int,
+        progress: bool = False,
+        data: Dataset | None = None,
+        parent: str = "",
+        inherited: dict[str, float] | None = None,
     ) -> Trainer:
         """A `Trainer` for the genotype's freshly built (seeded) model; nothing trained yet.
-        ``data``: another split of the same data set (a cross-validation fold)."""
+        ``data``: another split of the same data set (a cross-validation fold). ``parent``
+        (`nas.inherit.Parent` text): the model starts from that trained trial's weights, carried
+        over by `search_spaces.morph`; what carried over goes into ``inherited``."""
         import torch
 
         from .trainer import Trainer
@@ -140,6 +148,12 @@ class TrainingEvaluator:
         recipe = self.training_recipe()
         torch.manual_seed(self.seed)
         model = self.build(genotype, auxiliary=recipe.auxiliary)
+        if parent:  # before the Trainer: its EMA copy and optimiser must see the inherited weights
+            from .inherit import load_parent
+
+            report = load_parent(model, self.search_space(), genotype, parent, self.seed)
+            if inherited is not None:
+                inherited.update(report)
         return Trainer(
             model, data, recipe, budget, self.seed, self._device(), self.max_train_batches, progress=progress
         )
@@ -152,13 +166,16 @@ class TrainingEvaluator:
             options["auxiliary"] = True
         return get_space(self.space, **options).build(genotype, data.input_shape, data.num_classes)
 
-    def __call__(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
+    def __call__(self, genotype: Genotype, budget: int, report: Reporter, parent: str = "") -> dict[str, float]:
         if self.cv > 1:
+            if parent:  # the parent trained on fold 0's split: other folds would validate on its training data
+                raise ConfigError("weight inheritance needs cv = 1")
             return self._cross_validated(genotype, budget, report)
-        trainer = self.trainer(genotype, budget)
+        inherited: dict[str, float] = {}
+        trainer = self.trainer(genotype, budget, parent=parent, inherited=inherited)
         trainer.run(report)
         # the compression stage starts from these trained weights
-        return self.measure_trained(trainer, self.with_test, self.weights_path(genotype, budget))
+        return {**self.measure_trained(trainer, self.with_test, self.weights_path(genotype, budget)), **inherited}
 
     def _cross_validated(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
         """The candidate trained on every fold (`nas.crossval.cv_folds`), epoch by epoch across the

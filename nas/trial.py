@@ -45,6 +45,8 @@ class Candidate:
     budget: int
     number: int  # the trial number in the run's store
     policy: str = ""
+    # `nas.inherit.Parent` as JSON text: the trained trial whose weights this one starts from
+    parent: str = ""
 
     @property
     def id(self) -> str:
@@ -90,6 +92,7 @@ def run_trial(
     on_report: Reporter | None = None,
     required: tuple[str, ...] = (),
     policy: str = "",
+    parent: str = "",
 ) -> TrialResult:
     """Run one evaluation; never raises for the candidate's own faults.
 
@@ -97,7 +100,8 @@ def run_trial(
     "stopped" with the metrics of the last report. ``required`` metrics must be present and
     finite or the trial fails (a NaN loss must not become a "best" candidate). A non-empty
     ``policy`` (a compression policy's canonical text) is passed to the evaluator as
-    ``policy=``; architecture evaluators, which take none, are called without it.
+    ``policy=``; architecture evaluators, which take none, are called without it. A non-empty
+    ``parent`` (`nas.inherit.Parent` text) is passed as ``parent=`` the same way.
     """
     history: list[dict[str, float]] = []
 
@@ -109,7 +113,7 @@ def run_trial(
 
     start = time.perf_counter()
     try:
-        extra = {"policy": policy} if policy else {}
+        extra = {**({"policy": policy} if policy else {}), **({"parent": parent} if parent else {})}
         metrics = {k: float(v) for k, v in evaluator(genotype, budget, report, **extra).items()}
     except StopTrial:
         last = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}

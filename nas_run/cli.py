@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND",
         help="with --joint: the policy families searched: int8, prune, lowrank, prune+int8 (default), lowrank+int8",
     )
+    s.add_argument(
+        "--inherit",
+        action="store_true",
+        help="weight inheritance (EAS/Net2Net): a candidate one or two decisions from a trained one starts "
+        "from its weights and trains --inherit-epochs",
+    )
+    s.add_argument(
+        "--inherit-epochs", type=int, metavar="N", help="with --inherit: epochs an inheriting candidate trains "
+        "(default: a quarter of --epochs, rounded up)",
+    )
     s.add_argument("--report", action="store_true", help="then write the run's report (as `nas-run report DIR`)")
     s.add_argument(
         "--export",
@@ -213,6 +223,7 @@ _FLAG_KEYS = (
     "batch_size",
     "val_fraction",
     "cv",
+    "inherit_epochs",
 )
 
 
@@ -238,6 +249,8 @@ def _search(args: argparse.Namespace) -> int:
         settings["tiny"] = False
     if args.joint:
         settings["joint"] = True
+    if args.inherit:
+        settings["inherit"] = True
     if args.joint_policy is not None:
         settings["joint_policy"] = args.joint_policy
     if settings.get("joint") and "objectives" not in settings and not args.resume:

@@ -19,7 +19,8 @@ def run_local(
     out-of-memory is recorded as a failed trial by `run_trial`; the loop goes on."""
     required = tuple(o.metric for o in controller.objectives)
     while (cand := controller.next()) is not None:
-        result = run_trial(evaluator, cand.genotype, cand.budget, required=required, policy=cand.policy)
+        result = run_trial(evaluator, cand.genotype, cand.budget, required=required, policy=cand.policy,
+                           parent=cand.parent)
         controller.finish(cand, result)
         if on_result is not None:
             on_result(cand, result)

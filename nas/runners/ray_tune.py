@@ -2,8 +2,8 @@
 
 The strategy stays on the driver. A Tune `Searcher` wraps the `SearchController`: Tune's
 ``suggest`` is the controller's ``next`` (ask) and ``on_trial_complete`` its ``finish`` (tell),
-the seam Ray Tune shares with Optuna. A trial's config is four plain values (genotype string,
-budget, trial number, policy text); the evaluator and the genotype parser travel to the workers
+the seam Ray Tune shares with Optuna. A trial's config is five plain values (genotype string,
+budget, trial number, policy text, parent text for weight inheritance); the evaluator and the genotype parser travel to the workers
 once, through `tune.with_parameters`. Each worker runs `run_trial`, so a candidate's crash is a
 "failed" record, never a dead run.
 
@@ -113,6 +113,7 @@ def _trainable(
             on_report=on_report,
             required=required,
             policy=str(config.get("policy") or ""),
+            parent=str(config.get("parent") or ""),
         )
     tune.report(
         {
@@ -237,6 +238,7 @@ def _classes() -> tuple[type, type]:
                 "budget": int(cand.budget),
                 "number": int(cand.number),
                 "policy": cand.policy,
+                "parent": cand.parent,
             }
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:

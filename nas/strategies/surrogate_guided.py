@@ -82,6 +82,7 @@ class SurrogateGuided(Strategy):
         initial: list | None = None,
         variants: Callable[[Genotype], list[Genotype]] | None = None,
         design_key: Callable[[Genotype], str] | None = None,
+        trial_features: Callable[[Genotype], np.ndarray] | None = None,
     ):
         super().__init__(space, n_objectives, seed)
         if isinstance(initial, str):
@@ -92,6 +93,8 @@ class SurrogateGuided(Strategy):
         except Exception as exc:  # noqa: BLE001 - any parse/validation error names the point
             raise ValueError(f"initial: {exc}") from None
         self._prior = _prior_arrays(prior or [], space.encoding_size, n_objectives)
+        if len(self._prior[0]) and trial_features is not None:  # another search's points lack them
+            raise ValueError("prior and trial_features cannot be combined")
         if min(n_init, pool, n_parents, shortlist) < 1 or not 0 <= mutant_fraction <= 1 or kappa < 0:
             raise ValueError(
                 "need n_init, pool, n_parents, shortlist >= 1, 0 <= mutant_fraction <= 1 and "
@@ -107,20 +110,26 @@ class SurrogateGuided(Strategy):
         self.shortlist = shortlist
         self.variants = variants
         self.design_key = design_key
+        self.trial_features = trial_features
         self._features: dict[str, np.ndarray] = {}  # caches by genotype string
         self._stats: dict[str, np.ndarray] = {}
 
     # -- features ------------------------------------------------------------------------------
     def features(self, g: Genotype, with_stats: bool = False) -> np.ndarray:
-        """The space's encoding, plus the cheap model statistics when asked (and available)."""
+        """The space's encoding, plus the cheap model statistics when asked (and available), plus
+        how the trial is (or would be) trained when ``trial_features`` says (weight inheritance:
+        `nas.inherit.Lineage.features`; not cached, a candidate's parent changes as trials finish)."""
         key = g.to_str()
         if key not in self._features:
             self._features[key] = self.space.encode(g)
-        if not (with_stats and self.stats_fn is not None):
-            return self._features[key]
-        if key not in self._stats:
-            self._stats[key] = np.asarray(self.stats_fn(g), dtype=np.float32).ravel()
-        return np.concatenate([self._features[key], self._stats[key]])
+        out = self._features[key]
+        if with_stats and self.stats_fn is not None:
+            if key not in self._stats:
+                self._stats[key] = np.asarray(self.stats_fn(g), dtype=np.float32).ravel()
+            out = np.concatenate([out, self._stats[key]])
+        if self.trial_features is not None:
+            out = np.concatenate([out, np.asarray(self.trial_features(g), dtype=np.float32).ravel()])
+        return out
 
     def _encoded(self, key: str) -> np.ndarray:
         """Encoding by genotype string; parses only strings not seen before (hot path)."""
@@ -154,7 +163,7 @@ class SurrogateGuided(Strategy):
         # may encode equivalent architectures alike (NB201 merges isomorphic cells), and the
         # surrogate cannot learn anything from evaluating the same function twice.
         seen_codes = {self._encoded(k).tobytes() for k in seen}
-        fresh = [g for k, g in out.items() if k not in seen and self.features(g).tobytes() not in seen_codes]
+        fresh = [g for k, g in out.items() if k not in seen and self._encoded(k).tobytes() not in seen_codes]
         return fresh or [g for k, g in out.items() if k not in seen] or list(out.values())
 
     def _propose(self) -> Genotype:

@@ -85,8 +85,9 @@ class BaseModel:
 
 
 # passes that keep every layer's type, so they can run on the training form (with its BNs and
-# branches) and be merged afterwards; anything else sees the merged (deploy) form
-TRAINING_FORM_PASSES = ("structured", "unstructured", "finetune")
+# branches) and be merged afterwards; anything else sees the merged (deploy) form. Removing a
+# block leaves the others as they were, and the depth+prune space names the training form's layers
+TRAINING_FORM_PASSES = ("remove_blocks", "structured", "unstructured", "finetune")
 
 
 # passes after which BatchNorm running statistics are stale (structure or weights changed)
@@ -470,7 +471,7 @@ def check_policy(policy: Policy, model: nn.Module) -> None:
     from .passes.base import resolve_layers
 
     for spec in policy.passes:
-        for key in ("per_layer", "ranks", "ignore", "layers", "float_layers"):
+        for key in ("per_layer", "ranks", "ignore", "layers", "float_layers", "blocks"):
             value = spec.settings.get(key)
             if value:
                 resolve_layers(model, list(value), f"pass {spec.name!r} setting {key!r}")

@@ -7,14 +7,19 @@ A point of the space is a policy *genotype* (``policy@1|int8_calibration=entropy
 
 * per layer group (see `group_layers`), where they matter: a structured-pruning ratio
   (``prune_g<i>``) and a kept-rank fraction for low-rank decomposition (``rank_g<i>``);
+* per removable block (``depth`` kinds, up to `MAX_BLOCKS` of them, the least important by the
+  `remove_blocks` probe): keep or drop it (``drop_b<i>``), the first stage of N2N learning
+  (Ashok et al., ICLR 2018: remove layers, then shrink the rest) with the search strategy in
+  place of its policy-gradient controller; the width ratios then apply to what is left;
 * global, where they do not: Quantune's five int8 dimensions — calibration (with the
   percentile folded into its value), scheme (activation/weight types and symmetry), format,
   granularity, and mixed precision as which model ends stay in float (the first layer, the last,
   both: the layers that int8 hurts most in practice).
 
 Which families are searched is the space's ``kind``: ``int8``, ``prune``, ``lowrank``,
-``prune+int8`` or ``lowrank+int8``. Pruning and low-rank policies end with a fine-tuning pass
-(settings fixed by the space, KD by default), int8 comes last.
+``prune+int8``, ``lowrank+int8``, ``depth+prune`` or ``depth+prune+int8``. Block removal comes
+first, then pruning / low-rank, then a fine-tuning pass (settings fixed by the space, KD by
+default); int8 comes last.
 
 The space is plain data: its options hold the layer table (type, channels, kernel, MACs, weight
 statistics) and the cheap sensitivity probes measured on the trained model (`describe_model`),
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "PolicySpace", "describe_model", "group_layers"]
 
-KINDS = ("int8", "prune", "lowrank", "prune+int8", "lowrank+int8")
+KINDS = ("int8", "prune", "lowrank", "prune+int8", "lowrank+int8", "depth+prune", "depth+prune+int8")
 PRUNE_RATIOS = (0.0, 0.25, 0.5, 0.7)
 RANK_KEPT = (1.0, 0.5, 0.25)
 CALIBRATIONS = ("minmax", "entropy", "percentile-99.99", "percentile-99.999")
@@ -59,6 +64,10 @@ FORMATS = ("qoperator", "qdq")
 GRANULARITIES = ("per_channel", "per_tensor")
 FLOAT_ENDS = ("none", "first", "last", "both")
 MAX_GROUPS = 8
+# keep/drop decisions: the least important blocks only (a deep net's 20+ blocks would make a
+# space no 20-evaluation search can cover; the important ones are rarely worth dropping)
+MAX_BLOCKS = 8
+BLOCK_CHOICES = ("keep", "drop")
 _PROBE_SAMPLES = 256
 
 
@@ -68,6 +77,8 @@ class PolicySpace(SearchSpace):
         "kind": "prune+int8",
         "groups": (),  # ((group name, (layer names ...)), ...) for the per-group decisions
         "group_sensitivity": (),  # accuracy points lost by pruning each group alone by half
+        "blocks": (),  # ((block name, (conv/linear layers it removes ...)), ...), forward order
+        "block_sensitivity": (),  # accuracy points lost by removing each block alone
         "layers": (),  # layer table of `describe_model`: dicts, in forward order
         "ends": ("", ""),  # (first, last) layer of the deploy form, for int8 mixed precision
         "model": {},  # model totals: params, macs, layers, depthwise MAC share
@@ -95,6 +106,8 @@ class PolicySpace(SearchSpace):
         fams = self.families
         groups = self.options["groups"]
         dims: list[Dimension] = []
+        if "depth" in fams:
+            dims += [Dimension(f"drop_b{i}", BLOCK_CHOICES) for i in range(len(self.options["blocks"]))]
         if "prune" in fams:
             dims += [Dimension(f"prune_g{i}", tuple(self.options["prune_ratios"])) for i in range(len(groups))]
         if "lowrank" in fams:
@@ -126,11 +139,16 @@ class PolicySpace(SearchSpace):
         groups = self.options["groups"]
         layers = {d["name"]: d for d in self.options["layers"]}
         steps: list[tuple[str, dict[str, Any]]] = []
+        dropped = self._dropped(values)
+        if dropped:
+            steps.append(("remove_blocks", {"blocks": [name for name, _ in dropped]}))
+        gone = {layer for _, layers in dropped for layer in layers}  # no ratio for a layer that is gone
         per_layer = {
             layer: float(values[f"prune_g{i}"])
             for i, (_, members) in enumerate(groups)
             if f"prune_g{i}" in values and values[f"prune_g{i}"] > 0
             for layer in members
+            if layer not in gone
         }
         if per_layer:
             steps.append(("structured", {"ratio": 0.0, "per_layer": per_layer, "importance": self.options["importance"],
@@ -152,6 +170,11 @@ class PolicySpace(SearchSpace):
         if "int8_calibration" in values:
             steps.append(("int8", self._int8_settings(values)))
         return Policy.of(*steps)
+
+    def _dropped(self, values: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+        """(block, its layers) for every block the point drops, in forward order."""
+        return [(str(name), tuple(layers)) for i, (name, layers) in enumerate(self.options["blocks"])
+                if values.get(f"drop_b{i}") == "drop"]
 
     def _int8_settings(self, values: Mapping[str, Any]) -> dict[str, Any]:
         calib = str(values["int8_calibration"])
@@ -210,9 +233,20 @@ class PolicySpace(SearchSpace):
         total_params = max(1.0, sum(float(d["params"]) for d in layers.values()))
         macs_kept = params_kept = 1.0
         max_ratio = prune_sens = rank_share = 0.0
+        # a dropped block takes its layers' whole share (and its probe's points) with it
+        dropped = self._dropped(values)
+        gone = {n for _, members in dropped for n in members}
+        macs_kept -= sum(float(layers[n]["macs"]) for n in gone if n in layers) / total_macs
+        params_kept -= sum(float(layers[n]["params"]) for n in gone if n in layers) / total_params
+        block_sens = dict(zip((name for name, _ in self.options["blocks"]), self.options["block_sensitivity"],
+                              strict=False))
+        prune_sens += sum(max(0.0, float(block_sens.get(name, 0.0))) for name, _ in dropped)
         for i, (_, members) in enumerate(self.options["groups"]):
             ratio = float(values.get(f"prune_g{i}", 0.0))
             kept_rank = float(values.get(f"rank_g{i}", 1.0))
+            members = [n for n in members if n not in gone]
+            if not members:  # the group went with its blocks: its ratio decides nothing
+                continue
             share_m = sum(float(layers[n]["macs"]) for n in members if n in layers) / total_macs
             share_p = sum(float(layers[n]["params"]) for n in members if n in layers) / total_params
             # pruning a group's outputs also thins the next group's inputs: ~quadratic in (1 - r)
@@ -248,7 +282,8 @@ class PolicySpace(SearchSpace):
         opts = dict(data["options"])
         opts["groups"] = tuple((str(n), tuple(m)) for n, m in opts.get("groups", ()))
         opts["ends"] = tuple(opts.get("ends", ("", "")))
-        for key in ("layers", "prune_ratios", "rank_kept", "calibrations", "group_sensitivity"):
+        opts["blocks"] = tuple((str(n), tuple(m)) for n, m in opts.get("blocks", ()))
+        for key in ("layers", "prune_ratios", "rank_kept", "calibrations", "group_sensitivity", "block_sensitivity"):
             if key in opts:
                 opts[key] = tuple(opts[key])
         return cls(str(data.get("name", "policy")), **opts)
@@ -284,10 +319,16 @@ class PolicySpace(SearchSpace):
         sensitivity: tuple[float, ...] = ()
         if probes and kind != "int8":
             sensitivity = tuple(_prune_probe(module, members, data) for _, members in groups)
+        blocks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+        block_sensitivity: tuple[float, ...] = ()
+        if kind.startswith("depth"):
+            blocks, block_sensitivity = _block_decisions(module, data)
         return cls(
             kind=kind,
             groups=groups,
             group_sensitivity=sensitivity,
+            blocks=blocks,
+            block_sensitivity=block_sensitivity,
             layers=tuple(table),
             ends=ends,
             model=totals,
@@ -421,6 +462,27 @@ def _prune_probe(module: Any, layers: Sequence[str], data: Any) -> float:
     except Exception:  # noqa: BLE001 - a group the pruner cannot handle has no probe, not a crash
         return 0.0
     return 100.0 * (base - acc)
+
+
+def _block_decisions(module: Any, data: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[float, ...]]:
+    """The blocks a depth space decides on: the `MAX_BLOCKS` least important removable blocks of
+    ``module`` (the `remove_blocks` probe on the calibration rows), in forward order, each with the
+    layers it removes, and their probe's points lost. A model without one is a `PolicyError`."""
+    from .blocks import find_blocks
+    from .errors import PolicyError
+    from .passes.base import PassContext
+    from .passes.remove_blocks import block_scores, refusal
+
+    module = module.cpu().eval()
+    search = find_blocks(module, data.input_shape)
+    if not search.blocks:
+        raise PolicyError(refusal(module, search).replace("remove_blocks:", "policy space depth+prune:", 1))
+    scores = block_scores(module, search, PassContext(data=data))
+    order = sorted(range(len(search.blocks)),
+                   key=lambda i: (scores[search.blocks[i].name]["drop"], scores[search.blocks[i].name]["change"], i))
+    chosen = sorted(order[:MAX_BLOCKS])
+    blocks = tuple((search.blocks[i].name, search.blocks[i].layers) for i in chosen)
+    return blocks, tuple(float(scores[name]["drop"]) for name, _ in blocks)
 
 
 def _plain(value: Any) -> Any:

@@ -157,7 +157,8 @@ class CompressConfig:
             from .policy_space import PolicySpace
 
             settable = {k: v for k, v in PolicySpace.default_options.items()
-                        if k not in ("kind", "groups", "layers", "ends", "model", "group_sensitivity", "finetune")}
+                        if k not in ("kind", "groups", "layers", "ends", "model", "group_sensitivity", "finetune",
+                                     "blocks", "block_sensitivity")}
             for key in self.policy_space_options:
                 if key not in settable:
                     raise UnknownNameError("policy space option", key, settable)

@@ -52,7 +52,8 @@ def add_compress_parser(sub: Any) -> None:
                       help="search per-layer policies: surrogate (XGBoost-guided), random, grid, genetic, tpe, nsga2")
     srch.add_argument("--budget", type=int, help="policy evaluations per model (default 20)")
     srch.add_argument("--policy-space", metavar="KIND",
-                      help="what is searched: int8, prune, lowrank, prune+int8 (default), lowrank+int8")
+                      help="what is searched: int8, prune, lowrank, prune+int8 (default), lowrank+int8, "
+                      "depth+prune (drop residual blocks, then prune channels), depth+prune+int8")
     srch.add_argument("--search-seed", type=int, help="the strategy's seed (default --seed, which also splits the data)")
     srch.add_argument("--constraint", action="append", metavar="EXPR",
                       help="e.g. 'acc_drop<=0.5' (points), 'onnx_latency_ms<=1'; repeatable")

@@ -140,7 +140,8 @@ def _load_builtin() -> None:
     # the built-in passes register themselves on import; heavy libraries stay inside functions
     import importlib
 
-    for mod in ("unstructured", "structured", "lowrank", "int8", "lowbit", "finetune", "merge", "bn_recalib"):
+    for mod in ("unstructured", "structured", "lowrank", "int8", "lowbit", "finetune", "merge", "bn_recalib",
+                "remove_blocks"):
         try:
             importlib.import_module(f"compress.passes.{mod}")
         except ModuleNotFoundError as exc:

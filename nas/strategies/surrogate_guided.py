@@ -43,6 +43,10 @@ violation], ...]`` with encodings of this space's width, e.g. a policy search of
 whose `PolicySpace.encode` carries model features — join every fit, their losses min-max
 normalised on their own (another model's latencies have another scale), as Quantune reuses the
 XGBoost data of models tuned before. They never count as this run's evaluations.
+
+Zero-cost proxies (``proxies_fn`` with ``proxy_features``, ``proxy_prescreen``, ``proxy_design``;
+all off by default): proxy features on the shortlist, a proxy pre-screen of large pools, and an
+initial design drawn from proxy-ranked candidates; see `surrogate_proxies` (issue #23).
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ import numpy as np
 from search_spaces import Genotype, SearchSpace
 
 from .base import Strategy, constrained_order, register_strategy
+from .surrogate_proxies import ProxyEvidence
 
 __all__ = ["SurrogateGuided"]
 
 
 @register_strategy
-class SurrogateGuided(Strategy):
+class SurrogateGuided(ProxyEvidence, Strategy):
     name = "surrogate"
     description = "XGBoost surrogate ranks sampled + mutated candidates (LCB acquisition, ParEGO for MO)"
 
@@ -83,6 +88,10 @@ class SurrogateGuided(Strategy):
         variants: Callable[[Genotype], list[Genotype]] | None = None,
         design_key: Callable[[Genotype], str] | None = None,
         trial_features: Callable[[Genotype], np.ndarray] | None = None,
+        proxies_fn: Callable[[Genotype], np.ndarray] | None = None,
+        proxy_features: bool = False,
+        proxy_prescreen: int = 0,
+        proxy_design: int = 0,
     ):
         super().__init__(space, n_objectives, seed)
         if isinstance(initial, str):
@@ -113,6 +122,7 @@ class SurrogateGuided(Strategy):
         self.trial_features = trial_features
         self._features: dict[str, np.ndarray] = {}  # caches by genotype string
         self._stats: dict[str, np.ndarray] = {}
+        self._init_proxies(proxies_fn, proxy_features, proxy_prescreen, proxy_design)
 
     # -- features ------------------------------------------------------------------------------
     def features(self, g: Genotype, with_stats: bool = False) -> np.ndarray:
@@ -173,7 +183,8 @@ class SurrogateGuided(Strategy):
                 if key not in asked:
                     return self.space.from_str(key)
         if self._in_initial_design():
-            return self.space.sample(self.rng)
+            point = self._proxy_design_point()  # None unless proxy_design is on
+            return point if point is not None else self.space.sample(self.rng)
         done = self.finished()
         norm, violation, weights = self._normalised(done)
         parents: list[Genotype] = []
@@ -184,14 +195,16 @@ class SurrogateGuided(Strategy):
         cands, p_run = self._feasible(self._candidates(parents), with_stats=False)
         if len(done) + int(self._prior[2].sum()) < 2:  # no loss model yet: the candidate most likely to run
             return cands[int(np.argmax(p_run))] if p_run is not None else cands[0]
+        cands = self._prescreened(cands)  # unchanged unless proxy_prescreen is on
         score = self._score(done, cands, norm, violation, weights, with_stats=False)
-        if self.stats_fn is not None or self.variants is not None:
+        if self.stats_fn is not None or self.variants is not None or self.proxy_features:
             # Model statistics cost a model build each (10-100 ms), and variants multiply the
             # candidates, too much for the whole pool: only the shortlist the encoding-only
             # surrogate likes best is rescored (with its variants).
-            top = [cands[int(i)] for i in np.argsort(score, kind="stable")[: self.shortlist]]
+            top = self._with_variants([cands[int(i)] for i in np.argsort(score, kind="stable")[: self.shortlist]])
             stats = self.stats_fn is not None
-            cands, _ = self._feasible(self._with_variants(top), with_stats=stats)
+            stats = self._proxy_features_for([g for g, _, _ in self.history], top) or stats  # proxies: also here
+            cands, _ = self._feasible(top, with_stats=stats)
             score = self._score(done, cands, norm, violation, weights, with_stats=stats)
         return cands[int(np.argmin(score))]
 
@@ -239,6 +252,7 @@ class SurrogateGuided(Strategy):
             return list(cands)
         norm, violation, weights = self._normalised(done)
         stats = self.stats_fn is not None
+        stats = self._proxy_features_for([g for g, _, _ in self.history], list(cands)) or stats
         kept, _ = self._feasible(list(cands), with_stats=stats)
         score = self._score(done, kept, norm, violation, weights, with_stats=stats)
         ranked = [kept[int(i)] for i in np.argsort(score, kind="stable")]
@@ -256,6 +270,7 @@ class SurrogateGuided(Strategy):
         if ran.all() or not ran.any():
             return cands, None
         X = np.stack([self.features(g, with_stats) for g in cands])
+        X_train, X = self._with_proxies([g for g, _, _ in self.history], cands, X_train, X, with_stats)
         p_run = np.clip(self._fit(X_train, ran).predict(X), 0.0, 1.0)
         keep = np.flatnonzero(p_run >= min(self.min_feasible, float(p_run.max())))
         return [cands[int(i)] for i in keep], p_run[keep]
@@ -274,6 +289,7 @@ class SurrogateGuided(Strategy):
         X_train = np.stack([self.features(g, with_stats) for g, _, _ in done]) if done else (
             np.zeros((0, len(self.features(cands[0], with_stats))), dtype=np.float32))
         X = np.stack([self.features(g, with_stats) for g in cands])
+        X_train, X = self._with_proxies([g for g, _, _ in done], cands, X_train, X, with_stats)
         if not with_stats and len(self._prior[0]):  # another search's points, ran ones only
             px, py, pran, pv = self._prior
             X_train = np.vstack([X_train, px[pran > 0]])
@@ -295,7 +311,12 @@ class SurrogateGuided(Strategy):
         return score
 
     def _extra_state(self) -> dict[str, Any]:  # the prior comes back from the options
-        return {}  # the models are refitted from the history at each ask; nothing else to keep
+        # the models are refitted from the history at each ask; only the proxies' settings and
+        # their chosen initial design are kept
+        return self._proxy_state()
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._load_proxy_state(state)
 
 
 def _prior_arrays(prior: list, width: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -308,8 +308,8 @@ class StateWriter:
             self.not_preserving(f"{len(unexplained)} keys left fresh, e.g. {unexplained[0]!r}")
         return Inheritance(
             mutation=mutation,
-            copied=list(self.copied),
-            transformed=dict(self.transformed),
+            copied=[k for k in self.child if k in self.copied],  # in the state dict's order
+            transformed={k: self.transformed[k] for k in self.child if k in self.transformed},
             fresh=fresh,
             preserving=not self.reasons,
         )

@@ -12,7 +12,7 @@ configuration. They map onto ORT's arguments as follows:
 | scheme | ``activation_type`` (u8), ``weight_type`` (s8), ``symmetric_activations`` (false), ``symmetric_weights`` (true), ``format`` (qoperator), ``reduce_range`` (false) | ``activation_type``, ``weight_type``, ``extra_options`` ActivationSymmetric / WeightSymmetric, ``quant_format``, ``reduce_range`` |
 | clipping | the calibration method; ``percentile`` (99.999) for percentile; ``calib_moving_average`` (false) for minmax | calibrator options percentile / moving_average (quantize_static's CalibPercentile / CalibMovingAverage) |
 | granularity | ``per_channel`` (true) | ``per_channel`` |
-| mixed precision | ``float_layers`` ([]): torch layer names kept in float; ``float_ops`` (["gelu"]): kinds of op kept in float | ``nodes_to_exclude`` |
+| mixed precision | ``float_layers`` ([]): torch layer names kept in float; ``float_ops`` (["gelu", "shared_relu"]): kinds of op kept in float | ``nodes_to_exclude`` |
 
 ``float_ops`` is mixed precision by kind of op, measured per op type in ONNX Runtime on the
 large-kernel space's models (results/compress.md): ``gelu`` rewrites each exact (erf) GELU, which
@@ -23,6 +23,19 @@ more at batch 1 than the float model's one fused Gelu kernel; kept whole and flo
 Dequantize, one Gelu, one Quantize. ``depthwise`` keeps grouped convolutions in float; on these
 models it made the int8 model slower (ORT's int8 depthwise kernel is the faster one), so it is
 offered, not the default.
+
+``shared_relu`` keeps in float, in the QOperator format, each ReLU (or Clip) whose input another
+node also reads. ORT's QOperator quantizer deletes every ReLU/Clip that follows a quantized tensor
+(`QLinearActivation.QuantizeClipRelu`), counting on `adjust_tensor_ranges` to have given the
+producer the ReLU's output range [0, max], whose u8 encoding clips the negatives. It gives that
+range only to a ReLU that is its input's sole reader, but deletes the others too: their negatives
+then flow on un-rectified (ORT 1.32; its QDQ quantizer checks for a sole reader and is right).
+DARTS/NASNet cells are made of exactly these: every ReLU-Conv-BN op starts with a ReLU on a cell
+state that other ops, the skip connections and the concat also read. On DARTS-V2 trained on
+digits the default int8 lost 10 points (8 cells of C=8) and 40 (8 cells of C=16);
+with those ReLUs in float (DequantizeLinear, Relu, QuantizeLinear) it loses none, at no
+measurable latency cost (results/int8_cells.md). A network whose ReLUs each follow their own conv
+(ResNets, the large-kernel space) has none of them, so it is quantized as before.
 
 ``compact`` (true) rewrites the quantized file without what ORT does not read: the value_info
 that shape inference left (ORT infers shapes again at load), identical initializers (the
@@ -70,13 +83,18 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-__all__ = ["INT8", "compact_onnx", "export_float_onnx", "fuse_gelu", "onnx_accuracy", "onnx_latency_ms", "onnx_logits", "onnx_node_layers"]
+__all__ = [
+    "INT8", "compact_onnx", "export_float_onnx", "fuse_gelu", "onnx_accuracy", "onnx_latency_ms", "onnx_logits",
+    "onnx_node_layers", "shared_clipping_nodes",
+]
 
 OPSET = 17  # as nas.cost.export_onnx; ORT's quantizer keeps opsets >= 13 as they are
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 TYPES = ("u8", "s8")
 FORMATS = ("qoperator", "qdq")
-FLOAT_OPS = ("gelu", "depthwise")  # kinds of op `float_ops` can keep in float
+FLOAT_OPS = ("gelu", "depthwise", "shared_relu")  # kinds of op `float_ops` can keep in float
+# the ops ORT's QOperator quantizer deletes after a quantized tensor (see ``shared_relu``)
+CLIPPING_OPS = ("Relu", "Clip")
 # what a record made before a setting existed meant: replayed with these, it gives its own bytes
 LEGACY_SETTINGS: Mapping[str, Any] = {"float_ops": [], "compact": False}
 MS_DOMAIN = "com.microsoft"  # ORT's contrib ops (QLinearAdd, QGemm, ... and Gelu)
@@ -109,7 +127,7 @@ class Int8Pass:
         "reduce_range": False,
         "per_channel": True,
         "float_layers": [],
-        "float_ops": ["gelu"],
+        "float_ops": ["gelu", "shared_relu"],
         "compact": True,
     }
 
@@ -150,7 +168,7 @@ class Int8Pass:
         self.validate(s)
         float_layers = resolve_layers(model, s["float_layers"], "int8 float_layers")
         float_bytes = _prepared_onnx(model, ctx.input_shape, s["float_ops"])
-        excluded = _excluded_nodes(float_bytes, float_layers, ctx, s["float_ops"])
+        excluded = _excluded_nodes(float_bytes, float_layers, ctx, s["float_ops"], s["format"])
         x, _ = ctx.calibration()
         x = x[: s["calib_size"]]
         ranges = _calibrate(float_bytes, s, x)
@@ -407,10 +425,15 @@ def onnx_node_layers(node_name: str) -> list[str]:
 
 
 def _excluded_nodes(
-    float_bytes: bytes, float_layers: Sequence[str], ctx: PassContext, float_ops: Sequence[str] = ()
+    float_bytes: bytes,
+    float_layers: Sequence[str],
+    ctx: PassContext,
+    float_ops: Sequence[str] = (),
+    fmt: str = "qoperator",
 ) -> list[str]:
     """ONNX nodes that lie in (or under) the named torch layers, then (``"depthwise"`` in
-    ``float_ops``) every grouped Conv, for ``nodes_to_exclude``."""
+    ``float_ops``) every grouped Conv, then (``"shared_relu"``, QOperator format) every
+    `shared_clipping_nodes` node, for ``nodes_to_exclude``."""
     import onnx
 
     graph = onnx.load_from_string(float_bytes).graph
@@ -425,7 +448,24 @@ def _excluded_nodes(
     if "depthwise" in float_ops:
         grouped = [n.name for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
         out.extend(n for n in grouped if n not in out)
+    if "shared_relu" in float_ops and fmt == "qoperator":
+        out.extend(n for n in shared_clipping_nodes(graph) if n not in out)
     return out
+
+
+def shared_clipping_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Names of the ReLU / Clip nodes whose input is not theirs alone: another node reads it too,
+    or the graph outputs it. ORT's QOperator quantizer cannot fold such a node's clipping into its
+    producer's range, yet deletes it (module notes, ``shared_relu``)."""
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for name in set(n.input):
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    return [
+        n.name for n in graph.node
+        if n.name and n.op_type in CLIPPING_OPS and n.input and (readers[n.input[0]] > 1 or n.input[0] in outputs)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,6 +174,12 @@ def test_proxy_passes_over_budget_are_skipped_with_one_line(evaluator):
     report = pf.cost_report()
     assert report["skipped_passes"] == {"pre-screen": 2} and report["seconds_per_candidate"] > 0
     assert ProxyFeatures(evaluator, names=NAMES, training_seconds=1e6).budget_allows(pool, "pre-screen")
+    estimated = ProxyFeatures(evaluator, names=NAMES)  # one training measured: a step x steps x epochs
+    assert 0 < estimated.training_seconds_estimate(pool) < 60
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(pf))  # a strategy's state may travel; so may its proxies
+    assert np.array_equal(copy(pool[0]), pf(pool[0]), equal_nan=True)
 
 
 def test_rank_mix_standardise_and_diverse_subset():

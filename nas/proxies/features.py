@@ -129,12 +129,19 @@ class ProxyFeatures:
         recorded = [r.total_seconds for r in self.cache.results()]
         return float(np.mean(recorded)) if recorded else None
 
-    def training_seconds_estimate(self, genotype: Genotype) -> float:
+    def training_seconds_estimate(self, genotypes: Sequence[Genotype]) -> float:
+        """One training's seconds: as set, else measured on the first of ``genotypes`` that
+        trains a step; inf (no pass refused) when none does, e.g. every one fails to build."""
         if self.training_seconds is not None:
             return float(self.training_seconds)
         if self._training_estimate is None:
-            self._training_estimate = self._measure_training(genotype)
-        return self._training_estimate
+            for g in genotypes:
+                try:
+                    self._training_estimate = self._measure_training(g)
+                    break
+                except Exception:  # noqa: BLE001 - a genotype that cannot train says nothing of the others
+                    continue
+        return math.inf if self._training_estimate is None else self._training_estimate
 
     def _measure_training(self, genotype: Genotype) -> float:
         """Steps of one training x the seconds of one forward/backward step (the second of two:
@@ -171,7 +178,7 @@ class ProxyFeatures:
             self.result(new.pop(0))
             per = self.seconds_per_candidate() or 0.0
         cost = len(new) * per
-        train = self.training_seconds_estimate(genotypes[0])
+        train = self.training_seconds_estimate(genotypes)
         if cost <= self.max_fraction * train:
             return True
         if what not in self.skipped:

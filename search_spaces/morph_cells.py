@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from .genotype import Genotype
 from .morph_state import NEW, StateWriter, UnitMap
 from .nasnet_cell import Block, NASNetCellSpace, cell_blocks, concat_nodes
+from .nasnet_ops import FactorizedReduce
 
 __all__ = ["transfer_cells"]
 
@@ -55,8 +56,9 @@ def transfer_cells(space: NASNetCellSpace, parent: Genotype, child: Genotype, w:
         kind = "reduce" if cell.reduction else "normal"
         prefix = f"cells.{k}"
         for name, reads in (("preprocess0", s0), ("preprocess1", s1)):
+            reduces = isinstance(w.module(f"{prefix}.{name}"), FactorizedReduce)
             with w.unit(f"{prefix}.{name}"):
-                _consumer(w, f"{prefix}.{name}", reads)
+                _consumer(w, f"{prefix}.{name}", reads, ("conv_a", "conv_b") if reduces else ("1",))
         _cell_ops(w, prefix, parent_cells[kind], child_cells[kind])
         width = cell.out_channels // len(cell.concat)
         out = _concat_map(
@@ -75,15 +77,14 @@ def transfer_cells(space: NASNetCellSpace, parent: Genotype, child: Genotype, w:
         w.fresh_is_harmless("auxiliary_head")  # `forward` never runs it
         if w.has_parent("auxiliary_head.classifier.weight"):
             with w.unit("auxiliary_head", in_function=False):
-                _consumer(w, "auxiliary_head", aux_input)
+                _consumer(w, "auxiliary_head", aux_input, ("reduce.0",))
 
 
-def _consumer(w: StateWriter, prefix: str, reads: UnitMap) -> None:
-    """A module reading a cell's output: its first convs (4-D weights of the input's width)
-    map their input channels; the rest is copied."""
+def _consumer(w: StateWriter, prefix: str, reads: UnitMap, readers: tuple[str, ...]) -> None:
+    """A module reading a cell's output: the convs ``readers`` (``ReLUConvBN``'s ``1``,
+    ``FactorizedReduce``'s ``conv_a``/``conv_b``) map their input channels; the rest is copied."""
     for key in w.child_keys(prefix):
-        target = w.child[key]
-        if key.endswith("weight") and target.dim() == 4 and target.shape[1] == len(reads.source):
+        if key[len(prefix) + 1 :] in {f"{r}.weight" for r in readers}:
             w.write_mapped(key, in_=reads)
         else:
             w.copy(key)

@@ -132,9 +132,12 @@ def fit_kernel(t: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, str,
             zeros = t.new_zeros(pad_shape)
             t = torch.cat([zeros, t, zeros], dim=axis)
         elif b < a:
-            lo = (a - b) // 2
-            kept = t.narrow(axis, lo, b)
-            exact = exact and float(t.abs().sum() - kept.abs().sum()) == 0.0
+            kept = t.narrow(axis, (a - b) // 2, b)
+            border = list(t.shape)
+            border[axis] = (a - b) // 2
+            exact = exact and torch.equal(
+                t, torch.cat([t.new_zeros(border), kept, t.new_zeros(border)], axis)
+            )
             t = kept
     grew = all(b >= a for a, b in zip(old, new, strict=True))
     text = "x".join(map(str, old)) + "->" + "x".join(map(str, new))

@@ -34,7 +34,8 @@ from .morph_state import BN_STATS, StateWriter, UnitMap, take_units
 
 __all__ = ["transfer_large_kernel"]
 
-# The fold divides by the large kernel's BN scale; below this it would blow the weights up.
+# The fold divides by the large kernel's BN scale (gamma / std); below this it would blow the
+# kernel up, so the branch is dropped instead (not preserving).
 _MIN_FOLD_SCALE = 1e-6
 
 
@@ -134,6 +135,7 @@ def _depthwise(w: StateWriter, prefix: str, ps: StageSpec, cs: StageSpec, width:
         w.write_mapped(f"{key}.0.weight", out=width, source=f"{prefix}.branches.{p}.0.weight", kernel=True)
         w.map_bn(f"{key}.1", width, source=f"{prefix}.branches.{p}.1")
     eps = float(w.module(f"{prefix}.lk_bn").eps)
+    lk_scale = lk_bn["weight"][0] / (lk_bn["running_var"][0] + eps).sqrt()  # folding leaves it as is
     folded = []
     for p, (k, d) in enumerate(parent_plan):
         if p in matched:
@@ -141,12 +143,12 @@ def _depthwise(w: StateWriter, prefix: str, ps: StageSpec, cs: StageSpec, width:
         if (k - 1) * d + 1 > cs.kernel:
             w.not_preserving(f"{prefix}: branch ({k}, dilation {d}) wider than kernel {cs.kernel} lost")
             continue
-        if lk_bn["weight"][0].abs().min() < _MIN_FOLD_SCALE:
+        if lk_scale.abs().min() < _MIN_FOLD_SCALE:
             w.not_preserving(
                 f"{prefix}: branch ({k}, dilation {d}) not folded: a large-kernel BN scale is ~0"
             )
             continue
-        lk = _fold_branch(w, f"{prefix}.branches.{p}", d, width, lk, lk_bn, eps)
+        lk = _fold_branch(w, f"{prefix}.branches.{p}", d, width, lk, lk_scale, lk_bn, eps)
         folded.append(f"({k}, dilation {d})")
     if folded:
         lk_how = ", ".join(h for h in (lk_how, f"parent branches {' '.join(folded)} folded in") if h)
@@ -161,12 +163,14 @@ def _fold_branch(
     dilation: int,
     width: UnitMap,
     lk: torch.Tensor,
+    lk_scale: torch.Tensor,
     lk_bn: dict[str, list],
     eps: float,
 ) -> torch.Tensor:
     """``lk`` plus a parent branch, through the large kernel's BN (which the sum then passes):
-    lk_bn(y) + bn_b(conv_b(x)) = lk_bn(y + conv(F * std / gamma, x)) with F the branch's
-    BN-fused dense kernel, once lk_bn's shift also takes the branch's fused shift."""
+    lk_bn(y) + bn_b(conv_b(x)) = lk_bn(y + conv(F / lk_scale, x)) with F the branch's BN-fused
+    dense kernel and lk_scale = gamma / std of lk_bn, once lk_bn's shift also takes the
+    branch's fused shift. Adds that shift to ``lk_bn`` in place; returns the new kernel."""
     conv = take_units(w.parent_tensor(f"{branch}.0.weight"), out=width)  # (C, 1, k, ..)
     gamma, beta, mean, var = (take_units(w.parent_tensor(f"{branch}.1.{n}"), out=width) for n in BN_STATS)
     scale = gamma / (var + eps).sqrt()
@@ -174,6 +178,5 @@ def _fold_branch(
     dense = dilated_to_dense(conv * scale.reshape(-1, *([1] * (conv.dim() - 1))), dilation, spatial)
     pad = (lk.shape[-1] - dense.shape[-1]) // 2  # both odd: centred
     dense = torch.nn.functional.pad(dense, [pad] * (2 * spatial))
-    lk_scale = lk_bn["weight"][0] / (lk_bn["running_var"][0] + eps).sqrt()
     lk_bn["bias"][0] = lk_bn["bias"][0] + beta - mean * scale
     return lk + dense / lk_scale.reshape(-1, *([1] * (lk.dim() - 1)))

@@ -203,7 +203,8 @@ class SurrogateGuided(ProxyEvidence, Strategy):
             # surrogate likes best is rescored (with its variants).
             top = self._with_variants([cands[int(i)] for i in np.argsort(score, kind="stable")[: self.shortlist]])
             stats = self.stats_fn is not None
-            stats = self._proxy_features_for([g for g, _, _ in self.history], top) or stats  # proxies: also here
+            # proxy features are rescoring features too (a model build each, as the statistics)
+            stats = self._proxy_features_for([g for g, _, _ in self.history], top) or stats
             cands, _ = self._feasible(top, with_stats=stats)
             score = self._score(done, cands, norm, violation, weights, with_stats=stats)
         return cands[int(np.argmin(score))]

@@ -83,7 +83,7 @@ class ProxyEvidence:
         return None
 
     def _choose_design(self) -> list[str]:
-        from ..proxies.selection import diverse_subset
+        from ..proxies.selection import diverse_subset, standardise
 
         need = max(0, self.n_init - len(self.initial))
         asked = set(self.asked)
@@ -99,7 +99,10 @@ class ProxyEvidence:
             return []
         order = np.argsort(-self._rank_scores(genotypes), kind="stable")
         top = [genotypes[int(i)] for i in order[: max(need, math.ceil(len(genotypes) / 4))]]
-        picked = diverse_subset(np.stack([self.space.encode(g) for g in top]), need)
+        # distances on standardised columns: an encoding's count features (NB201's parameter
+        # proxy spans 0-54) would otherwise outweigh its one-hots and spread the design by size only
+        (encodings,) = standardise(np.stack([self.space.encode(g) for g in top]))
+        picked = diverse_subset(encodings, need)
         return [top[i].to_str() for i in picked]
 
     # -- pre-screen ------------------------------------------------------------------------------

@@ -194,3 +194,62 @@ def test_a_kill_at_any_store_write_resumes_to_the_same_children_and_parents(tmp_
                 run_local(controller, FakeEvaluator(folder))
             run_local(make_controller(folder, strategy), FakeEvaluator(folder))
             assert rows(folder) == reference[strategy], f"killed {'after' if after else 'before'} {method} #{call}"
+
+
+# -- real training (search_spaces.morph carries the weights over) -------------------------------
+REAL = dict(space="nb201", dataset="digits", batch_size=128, epochs=2, inherit=True, inherit_epochs=1,
+            strategy="evolution", strategy_options={"population": 3, "sample": 2})
+
+
+def test_a_real_search_with_inheritance_trains_children_from_their_parents_weights(tmp_path):
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    run = run_search(SearchConfig(**REAL, trials=7, out=str(tmp_path / "run")))
+    df = run.store.dataframe().sort_values("number")
+    assert (df.status == "complete").all()
+    children = df[df.parent.notna()]
+    assert len(children) >= 3
+    assert (children.budget == 1).all() and (children.epochs == 1).all() and (children.inherited == 1).all()
+    assert (df[df.parent.isna()].budget == 2).all()
+    for row in children.itertuples():  # every child's weights kept too: it can be a parent and be compressed
+        genotype = run.space.from_str(row.genotype)
+        assert run.evaluator.weights_path(genotype, 1).is_file()
+        assert row.lineage_epochs == df.set_index("number").loc[int(row.parent), "lineage_epochs"] + 1
+        assert 0 < row.inherited_share <= 1
+    assert set(children.function_preserving.astype(float)) <= {0.0, 1.0}
+    trials_csv = (run.out / "trials.csv").read_text().splitlines()[0].split(",")
+    assert {"parent", "lineage_epochs", "inherited"} <= set(trials_csv)
+
+
+def test_a_child_whose_parent_weights_were_edited_fails_with_a_clear_error(tmp_path):
+    from nas.config import SearchConfig
+    from nas.search import prepare_run
+    from nas.trial import run_trial
+
+    run = prepare_run(SearchConfig(**REAL, trials=1, out=str(tmp_path / "run")))
+    space, evaluator = run.space, run.evaluator
+    parent = space.sample(np.random.default_rng(0))
+    evaluator(parent, 1, lambda *_: None)
+    path = evaluator.weights_path(parent, 1)
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    text = Parent(0, parent.to_str(), str(path), 1, 1).to_text()
+    result = run_trial(evaluator, space.mutate(parent, np.random.default_rng(1)), 1, parent=text)
+    assert result.status == "failed" and "weights" in result.error and str(path.name) in result.error
+    run.lock.close()
+
+
+def test_kill_minus_9_and_resume_with_inheritance_keeps_every_parent(tmp_path, kill_and_resume):
+    args = ["--space", "nb201", "--dataset", "digits", "--strategy", "evolution", "--trials", "7", "--epochs", "2",
+            "--inherit", "--inherit-epochs", "1", "--batch-size", "128", "--config", str(tmp_path / "evo.toml")]
+    (tmp_path / "evo.toml").write_text("[strategy_options]\npopulation = 3\nsample = 2\n")
+    before, df = kill_and_resume(args, tmp_path / "run", wait_s=240)
+    complete = df[df.status == "complete"].set_index("number")
+    assert len(complete) == 7 and complete.genotype.is_unique
+    for number, row in before.iterrows():  # finished trials kept, untouched
+        assert complete.loc[number, "val_acc"] == pytest.approx(row["val_acc"])
+    children = complete[complete.parent.notna()]
+    assert len(children) >= 2
+    for number, row in children.iterrows():  # a parent is a complete trial finished before its child
+        assert int(row.parent) in complete.index and int(row.parent) < number
+        assert complete.loc[int(row.parent), "genotype"] == row.parent_genotype

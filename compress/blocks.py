@@ -172,9 +172,12 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _probe_calls(model: nn.Module, input_shape: Sequence[int]) -> dict[str, _Call]:
-    """Per module (in the order they first run): its first call's tensor inputs, its output
-    shape, how often it ran, and whether the call was plain (tensors in, one tensor out)."""
+    """Per module (in the order they first run): its first call's tensor inputs (kept only for
+    containers holding parameters, the possible blocks: a large model's every activation would
+    not fit), its output shape, how often it ran, and whether the call was plain (tensors in, one
+    tensor out)."""
     calls: dict[str, _Call] = {}
+    containers = {n for n, m in model.named_modules() if _has_children_with_params(m)}
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -183,7 +186,7 @@ def _probe_calls(model: nn.Module, input_shape: Sequence[int]) -> dict[str, _Cal
                 return
             tensors = all(isinstance(a, torch.Tensor) for a in args) and bool(args)
             plain = tensors and not kwargs and isinstance(output, torch.Tensor)
-            inputs = tuple(a.detach().clone() for a in args) if plain else ()
+            inputs = tuple(a.detach().clone() for a in args) if plain and name in containers else ()
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
             calls[name] = _Call(inputs, shape, 1, plain)
         return record
@@ -229,7 +232,7 @@ def _residual(module: nn.Module, graph: fx.Graph, call: _Call) -> tuple[str, nn.
     shortcuts.sort(key=lambda n: _params(module.get_submodule(n.target)))
     for shortcut in (None, *shortcuts):
         repl = _without_branches(module, graph, shortcut)
-        if repl is not None and _keeps_shape(repl, call, nonzero=True):
+        if repl is not None and _keeps_shape(repl, call):
             return ("identity" if shortcut is None else "projection"), repl
     return None
 
@@ -286,7 +289,9 @@ def _cell(name: str, model: nn.Module, module: nn.Module, graph: fx.Graph, call:
     return "cell", repl
 
 
-def _keeps_shape(repl: nn.Module, call: _Call, nonzero: bool) -> bool:
+def _keeps_shape(repl: nn.Module, call: _Call) -> bool:
+    """Whether the replacement runs on the block's probe input, gives its output shape and, from a
+    nonzero input, a nonzero output."""
     flags = {n: m.training for n, m in repl.named_modules()}
     try:
         repl.eval()
@@ -300,7 +305,7 @@ def _keeps_shape(repl: nn.Module, call: _Call, nonzero: bool) -> bool:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != call.output_shape:
         return False
     # NB201's `none` edge (x * 0) is parameter-free: a "shortcut" through it carries nothing
-    return not nonzero or bool(out.abs().max() > 0) or not bool(call.inputs[0].abs().max() > 0)
+    return bool(out.abs().max() > 0) or not bool(call.inputs[0].abs().max() > 0)
 
 
 def _is_add(node: fx.Node) -> bool:

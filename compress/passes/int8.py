@@ -415,12 +415,24 @@ def compact_onnx(model_bytes: bytes) -> bytes:
 
 def onnx_node_layers(node_name: str) -> list[str]:
     """The torch module names an exported node lies in, outermost first:
-    ``/features/features.3/Conv`` -> ``["features", "features.3"]``. An eager module's scopes are
-    full names; a TorchScript module's are attribute names (``/features/3/Conv``), joined here."""
+    ``/features/features.3/Conv`` -> ``["features", "features.3"]``.
+
+    An eager module's scope is its name relative to the nearest enclosing module that is no
+    ``Sequential`` / ``ModuleList`` container: the root's children's children are full names
+    (``features.3``), but inside a cell module they are relative to the cell
+    (``/cells.0/ops.0/ops.0.0/Relu``: ``cells.0``, ``cells.0.ops.0``, ``cells.0.ops.0.0``). A
+    scope that extends an earlier one (``ops.0.0`` after ``ops.0``) therefore shares that one's
+    base; any other is relative to the scope just above it, as a TorchScript module's attribute
+    names always are (``/features/3/Conv``)."""
     out: list[str] = []
+    raw: list[str] = []
     for part in [p for p in node_name.split("/") if p][:-1]:
-        prev = out[-1] if out else ""
-        out.append(part if not prev or part.startswith(prev + ".") else f"{prev}.{part}")
+        extended = next((i for i in range(len(raw) - 1, -1, -1) if part.startswith(raw[i] + ".")), None)
+        if extended is not None:  # the same base as the scope it extends
+            out.append(out[extended][: len(out[extended]) - len(raw[extended])] + part)
+        else:
+            out.append(f"{out[-1]}.{part}" if out else part)
+        raw.append(part)
     return out
 
 

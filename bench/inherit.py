@@ -78,8 +78,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Weight inheritance in search: hypervolume against training epochs spent (#20)",
         "",
-        f"Strategy `{args.strategy}`; scratch: {args.trials} candidates x {args.epochs} epochs; inherited "
-        f"(`--inherit`): up to {args.inherit_trials} candidates, children train "
+        f"Strategy `{args.strategy}`; scratch runs: the candidates x epochs of each set ({args.sets}); inherited "
+        f"runs (`--inherit`): {args.inherit_trials_factor}x the candidates, children train "
         f"{args.inherit_epochs or 'a quarter of the'} epochs (default: a quarter of --epochs, rounded up). "
         "Hypervolume of the (val_acc, log10 params) front; 'epochs to reach' = training epochs the inherited "
         "run spent until its front's hypervolume reached the scratch run's final one (share of the scratch "
@@ -123,13 +123,21 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def parse_set(text: str, args: argparse.Namespace) -> tuple[str, str, int, int]:
+    """``data:space`` or ``data:space:trials:epochs`` (the scratch run's; --trials/--epochs otherwise)."""
+    parts = text.split(":")
+    trials, epochs = (int(parts[2]), int(parts[3])) if len(parts) == 4 else (args.trials, args.epochs)
+    return parts[0], parts[1], trials, epochs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sets", default="mnist1d:unireplk,digits:darts", help="data:space pairs")
+    ap.add_argument("--sets", default="mnist1d:unireplk,digits:darts:16:4",
+                    help="data:space[:trials:epochs] of the scratch runs (default --trials/--epochs)")
     ap.add_argument("--strategy", default="surrogate")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=24)
-    ap.add_argument("--inherit-trials", type=int, default=48)
+    ap.add_argument("--inherit-trials-factor", type=int, default=2, help="inherited runs: this many times the trials")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--inherit-epochs", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
@@ -143,18 +151,19 @@ def main() -> None:
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     if not args.from_log:
         done = {(r["dataset"], r["space"], r["seed"], r["inherit"]) for r in rows}
+        sets = [parse_set(text, args) for text in args.sets.split(",")]
         jobs = [
-            (data, space, seed, inherit)
+            (data, space, seed, inherit, trials, epochs)
             for seed in range(args.seeds)
-            for data, space in (pair.split(":") for pair in args.sets.split(","))
+            for data, space, trials, epochs in sets
             for inherit in (False, True)
             if (data, space, seed, inherit) not in done
         ]
         with ProcessPoolExecutor(args.workers) as pool:
             futures = [
-                pool.submit(one_run, d, sp, seed, inh, args.inherit_trials if inh else args.trials, args.epochs,
+                pool.submit(one_run, d, sp, seed, inh, trials * args.inherit_trials_factor if inh else trials, epochs,
                             args.inherit_epochs, args.strategy)
-                for d, sp, seed, inh in jobs
+                for d, sp, seed, inh, trials, epochs in jobs
             ]
             for f in futures:
                 r = f.result()

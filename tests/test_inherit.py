@@ -253,3 +253,4 @@ def test_kill_minus_9_and_resume_with_inheritance_keeps_every_parent(tmp_path, k
     for number, row in children.iterrows():  # a parent is a complete trial finished before its child
         assert int(row.parent) in complete.index and int(row.parent) < number
         assert complete.loc[int(row.parent), "genotype"] == row.parent_genotype
+

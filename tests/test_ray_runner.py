@@ -343,3 +343,21 @@ def test_a_run_refused_before_its_first_trial_leaves_no_folder(ray_local: None, 
     with pytest.raises(ConfigError, match="GPU"):
         run_search(cfg)
     assert not (tmp_path / "run").exists()  # the corrected command may use the same --out
+
+
+@pytest.mark.slow  # Ray start-up and two real trainings per child: the CI's slow step
+def test_ray_trials_with_asha_inherit_through_the_trial_config(ray_local: None, tmp_path: Path) -> None:
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    cfg = SearchConfig(space="nb201", dataset="digits", batch_size=128, epochs=2, inherit=True, inherit_epochs=1,
+                       strategy="evolution", strategy_options={"population": 2, "sample": 1}, trials=6, runner="ray",
+                       scheduler="asha", max_concurrent=2, out=str(tmp_path / "run"))
+    df = run_search(cfg).store.dataframe()
+    assert len(df) == 6 and set(df.status) <= {"complete", "stopped"}
+    children = df[df.parent.notna()]
+    assert len(children) >= 1 and (children.budget == 1).all()
+    # the worker got the parent: it reports what carried over
+    assert (children[children.status == "complete"].inherited == 1).all()
+    parents = df.set_index("number").loc[children.parent.astype(int)]
+    assert (parents.status == "complete").all()  # an ASHA-stopped trial kept no weights: nobody's parent

@@ -162,20 +162,61 @@ def float_onnx(model: Any, data: Any, merge: bool) -> bytes:
     return export_float_onnx(model, data.input_shape)
 
 
-def time_rounds(rows: list[Row], files: dict[tuple[str, str], bytes], shapes: dict[str, tuple[int, ...]], rounds: int) -> None:
-    """Interleaved: each round times every (model, variant) once, in a shuffled order."""
+VARIANTS = ("float", "old", "new")
+
+
+def time_rounds(
+    files: dict[tuple[str, str], bytes], shapes: dict[str, tuple[int, ...]], rounds: int
+) -> dict[str, dict[str, float]]:
+    """Per model: each variant's median ms at batch 1, ``float/new`` (speed-up) and ``new/old``
+    (what keeping the ReLUs float costs), each the median of per-round ratios. Each round times
+    a model's three files back to back in a shuffled order, so the machine's other load (2
+    shared cores) hits the pair a ratio compares alike."""
     from compress.passes.int8 import onnx_latency_ms
 
-    keys = list(files)
+    models = sorted({key for key, _ in files})
     seen: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     rng = random.Random(0)
     for _ in range(rounds):
-        rng.shuffle(keys)
-        for key in keys:
-            seen[key].append(onnx_latency_ms(files[key], shapes[key[0]], batch_size=1, threads=1, repeats=30))
-    for row in rows:
-        for variant in ("float", "old", "new"):
-            row.latency[variant] = statistics.median(seen[(row_key(row), variant)])
+        for model in rng.sample(models, len(models)):
+            for variant in rng.sample(VARIANTS, len(VARIANTS)):
+                ms = onnx_latency_ms(files[(model, variant)], shapes[model], batch_size=1, threads=1, repeats=30)
+                seen[(model, variant)].append(ms)
+    out = {}
+    for model in models:
+        t = {v: seen[(model, v)] for v in VARIANTS}
+        out[model] = {v: statistics.median(t[v]) for v in VARIANTS} | {
+            "float/new": statistics.median(f / n for f, n in zip(t["float"], t["new"], strict=True)),
+            "new/old": statistics.median(n / o for n, o in zip(t["new"], t["old"], strict=True)),
+        }
+    return out
+
+
+SCALE_KEY = "DARTS-V2 at DARTS's CIFAR-10 setting (C=36, 20 cells), untrained / 3x32x32"
+
+
+def at_scale() -> dict[str, bytes]:
+    """variant -> ONNX file of DARTS-V2 at DARTS's own size, untrained, calibrated on 64 Gaussian
+    inputs: does int8 pay at a size where compute, not call overhead, dominates? (Latency and
+    size only: untrained weights say nothing about accuracy.) Through the pass's own steps,
+    since a context needs a data set."""
+    from compress.passes import int8 as int8_pass
+    from compress.passes.base import PassContext
+    from compress.passes.int8 import INT8, export_float_onnx
+    from nas.data import load_dataset
+    from search_spaces.darts_genotypes import darts_v2
+
+    shape = (3, 32, 32)
+    model = darts_v2(10, shape).eval()
+    x = np.random.default_rng(0).standard_normal((64, *shape)).astype(np.float32)
+    notes = PassContext(load_dataset("digits", seed=0))  # only its notes list is used
+    out = {"float": export_float_onnx(model, shape)}
+    for variant, settings in (("old", {**INT8.defaults, **OLD_DEFAULT}), ("new", dict(INT8.defaults))):
+        prepared = int8_pass._prepared_onnx(model, shape, settings["float_ops"])
+        ranges = int8_pass._calibrate(prepared, settings, x)
+        excluded = int8_pass._excluded_nodes(prepared, [], notes, settings["float_ops"], settings["format"])
+        out[variant] = int8_pass._quantize(prepared, settings, ranges, excluded)
+    return out
 
 
 def row_key(row: Row) -> str:
@@ -221,7 +262,13 @@ def op_type_probe(model: Any, data: Any) -> tuple[float, float, list[tuple[str, 
 
 
 # -- report ---------------------------------------------------------------------------------------
-def report(rows: list[Row], probe: tuple[str, tuple[float, float, list[tuple[str, int, float]]]], cmd: str, meta: dict[str, Any]) -> str:
+def report(
+    rows: list[Row],
+    probe: tuple[str, tuple[float, float, list[tuple[str, int, float]]]],
+    scale: dict[str, float],
+    cmd: str,
+    meta: dict[str, Any],
+) -> str:
     lines = [
         "# int8 on cell models (#19 item 4)",
         "",
@@ -241,8 +288,8 @@ def report(rows: list[Row], probe: tuple[str, tuple[float, float, list[tuple[str
         "recipe (AdamW, one-cycle), epochs as listed.",
         "",
         "| model | data | params | epochs / train s | float acc | int8 old | drop old | int8 new | drop new "
-        "| float ms | old ms | new ms | float kB | old kB | new kB | kept float (new) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| float ms | old ms | new ms | speed-up new | new/old ms | float kB | old kB | new kB | kept float (new) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d_old, d_new = 100 * (r.float_acc - r.accs["old"]), 100 * (r.float_acc - r.accs["new"])
@@ -251,6 +298,7 @@ def report(rows: list[Row], probe: tuple[str, tuple[float, float, list[tuple[str
             f"| {r.name} | {r.dataset} | {r.params / 1e3:.1f}k | {r.epochs} / {r.train_s:.0f} "
             f"| {r.float_acc:.4f} | {r.accs['old']:.4f} | {d_old:+.2f} | {r.accs['new']:.4f} | {d_new:+.2f} "
             f"| {r.latency['float']:.3f} | {r.latency['old']:.3f} | {r.latency['new']:.3f} "
+            f"| {r.latency['float/new']:.2f}x | {r.latency['new/old']:.2f} "
             f"| {r.sizes['float'] / 1e3:.1f} | {r.sizes['old'] / 1e3:.1f} | {r.sizes['new'] / 1e3:.1f} | {kept} |"
         )
     lines += ["", "Genotypes:", ""]
@@ -267,33 +315,32 @@ def report(rows: list[Row], probe: tuple[str, tuple[float, float, list[tuple[str
         "|---|---|---|---|",
     ]
     lines += [f"| {op} | {n} | {acc:.4f} | {100 * (f_acc - acc):+.2f} |" for op, n, acc in per_op]
+    if scale:
+        lines += [
+            "",
+            f"## Latency at DARTS's size: {SCALE_KEY}",
+            "",
+            "Untrained weights, calibrated on 64 Gaussian inputs: latency and size only. Same timing rounds as above.",
+            "",
+            "| variant | ORT b1 ms | file kB |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {v} | {scale[v]:.2f} | {scale[f'{v} bytes'] / 1e3:.0f} |" for v in VARIANTS]
+        lines += ["", f"Speed-up of new over float {scale['float/new']:.2f}x; new/old {scale['new/old']:.2f} "
+                      "(medians of per-round ratios)."]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    import os
-    import shlex
-
-    import onnxruntime
-    import torch
-
+def measure(quick: bool, work: Path) -> dict[str, Any]:
+    """Train, quantize (old and new default), score; the op-type probe; DARTS's size. Everything
+    the timing and the report need, as plain data (pickled into ``work`` for ``--timing-only``)."""
     from compress.passes.int8 import INT8, onnx_accuracy
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "results" / "int8_cells.md"))
-    ap.add_argument("--work", default="/tmp/int8_cells")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--quick", action="store_true", help="fewer epochs and models (a smoke run)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     rows: list[Row] = []
     files: dict[tuple[str, str], bytes] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     probe_model = None
-    for t in models(args.quick, work):
+    for t in models(quick, work):
         row = Row(t.name, t.dataset, t.genotype, sum(p.numel() for p in t.model.parameters()), t.epochs, t.train_s)
         key = row_key(row)
         fl = float_onnx(t.model, t.data, t.merge)
@@ -317,9 +364,47 @@ def main() -> None:
     assert probe_model is not None
     print("op-type probe ...", flush=True)
     probe = (probe_model[0], op_type_probe(probe_model[1], probe_model[2]))
+    if not quick:
+        print("DARTS-V2 at DARTS's size ...", flush=True)
+        for variant, b in at_scale().items():
+            files[(SCALE_KEY, variant)] = b
+        shapes[SCALE_KEY] = (3, 32, 32)
+    return {"rows": rows, "files": files, "shapes": shapes, "probe": probe}
+
+
+def main() -> None:
+    import os
+    import pickle
+    import shlex
+
+    import onnxruntime
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "results" / "int8_cells.md"))
+    ap.add_argument("--work", default="/tmp/int8_cells")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="fewer epochs and models (a smoke run)")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="re-time and re-report what the last run in --work measured (no training)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    state = work / "measured.pkl"
+    if args.timing_only:
+        measured = pickle.loads(state.read_bytes())
+    else:
+        measured = measure(args.quick, work)
+        state.write_bytes(pickle.dumps(measured))
+    rows, files = measured["rows"], measured["files"]
     load_before = os.getloadavg()[0]
     print("timing ...", flush=True)
-    time_rounds(rows, files, shapes, args.rounds)
+    timing = time_rounds(files, measured["shapes"], args.rounds)
+    for row in rows:
+        row.latency = timing[row_key(row)]
+    scale = {**timing[SCALE_KEY], **{f"{v} bytes": len(files[(SCALE_KEY, v)]) for v in VARIANTS}} if SCALE_KEY in timing else {}
     meta = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
@@ -329,7 +414,7 @@ def main() -> None:
         "rounds": args.rounds,
     }
     cmd = shlex.join(["python", "bench/int8_cells.py", *sys.argv[1:]])
-    text = report(rows, probe, cmd, meta)
+    text = report(rows, measured["probe"], scale, cmd, meta)
     Path(args.out).write_text(text)
     print(text)
 

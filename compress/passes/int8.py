@@ -30,12 +30,14 @@ node also reads. ORT's QOperator quantizer deletes every ReLU/Clip that follows 
 producer the ReLU's output range [0, max], whose u8 encoding clips the negatives. It gives that
 range only to a ReLU that is its input's sole reader, but deletes the others too: their negatives
 then flow on un-rectified (ORT 1.32; its QDQ quantizer checks for a sole reader and is right).
-DARTS/NASNet cells are made of exactly these: every ReLU-Conv-BN op starts with a ReLU on a cell
-state that other ops, the skip connections and the concat also read. On DARTS-V2 trained on
-digits the default int8 lost 10 points (8 cells of C=8) and 40 (8 cells of C=16);
-with those ReLUs in float (DequantizeLinear, Relu, QuantizeLinear) it loses none, at no
-measurable latency cost (results/int8_cells.md). A network whose ReLUs each follow their own conv
-(ResNets, the large-kernel space) has none of them, so it is quantized as before.
+DARTS/NASNet cells are full of them: each ReLU-Conv-BN op starts with a ReLU on a cell state,
+and a state that a skip connection, a pool, a node sum or the concat also reads leaves that ReLU
+shared (6-15 per model here; ORT's pre-processing merges ReLUs of one input). Without ``shared_relu``,
+int8 lost 10-51 points on DARTS-V2 and sampled darts genotypes (digits, mnist5k); with those
+ReLUs in float (DequantizeLinear, Relu, QuantizeLinear, which ORT fuses at load into one
+requantization whose range starts at 0) it loses none (0.00 points on five models, 0.10 better on one),
+for 3-7% more latency at batch 1 (results/int8_cells.md). A network whose ReLUs each follow
+their own conv (ResNets, the large-kernel space) has none of them: its file is byte-identical.
 
 ``compact`` (true) rewrites the quantized file without what ORT does not read: the value_info
 that shape inference left (ORT infers shapes again at load), identical initializers (the

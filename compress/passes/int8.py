@@ -36,7 +36,7 @@ shared (6-15 per model here; ORT's pre-processing merges ReLUs of one input). Wi
 int8 lost 10-51 points on DARTS-V2 and sampled darts genotypes (digits, mnist5k); with those
 ReLUs in float (DequantizeLinear, Relu, QuantizeLinear, which ORT fuses at load into one
 requantization whose range starts at 0) it loses none (0.00 points on five models, 0.10 better on one),
-for 3-7% more latency at batch 1 (results/int8_cells.md). A network whose ReLUs each follow
+for 0-7% more latency at batch 1 (results/int8_cells.md). A network whose ReLUs each follow
 their own conv (ResNets, the large-kernel space) has none of them: its file is byte-identical.
 
 ``compact`` (true) rewrites the quantized file without what ORT does not read: the value_info

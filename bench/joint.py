@@ -147,21 +147,22 @@ def model_key(record: dict[str, Any]) -> str:
 
 def run_models(out: Path) -> tuple[dict[str, bytes], tuple[int, ...]]:
     """The ONNX file of every completed model of a run, by `model_key`, as `nas-run export`
-    rebuilds it (`compress.export`'s loader): an int8 trial's own quantized model, else the
+    rebuilds it (`export.reference`): an int8 trial's own quantized model, else the
     deploy form (re-parameterised) of the pruned / float model, exported as the compression
     stage exports — a float search trial's model is what the identity policy ships."""
-    from compress.export import _open_run, _reference
-    from compress.export_formats import copy_module, deploy_form
     from compress.passes.int8 import export_float_onnx
+    from export.formats import copy_module, deploy_form
+    from export.reference import reference
+    from export.run_folder import open_run
 
-    run = _open_run(out)
+    run = open_run(out)
     data = run.data()
     shape = tuple(data.input_shape)
     models: dict[str, bytes] = {}
     for r in run.store.records():
         if r["status"] != "complete" or model_key(r) in models:
             continue
-        ref = _reference(run, r, data)
+        ref = reference(run, r, data)
         models[model_key(r)] = ref.onnx if ref.onnx is not None else export_float_onnx(
             deploy_form(copy_module(ref.module)), shape)
     return models, shape

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 def sampled_models(space_name: str, full: bool, dataset: str, n: int, seed: int) -> list[tuple[str, bytes]]:
     """(genotype text, deploy-form ONNX bytes) of ``n`` sampled, untrained architectures."""
-    from compress.export_formats import copy_module, deploy_form
     from compress.passes.int8 import export_float_onnx
+    from export.formats import copy_module, deploy_form
     from nas.data import load_dataset
     from search_spaces import get_space
 

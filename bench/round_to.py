@@ -31,10 +31,10 @@ RATIOS = (0.3, 0.5)
 
 def onnx_models(space_name: str, full: bool, dataset: str, n: int, seed: int) -> list[tuple[str, dict[str, bytes]]]:
     """(genotype text, {label: ONNX bytes}) of ``n`` sampled models: "float" and every ratio x grid."""
-    from compress.export_formats import copy_module, deploy_form
     from compress.passes.base import PassContext
     from compress.passes.int8 import export_float_onnx
     from compress.policy import Policy
+    from export.formats import copy_module, deploy_form
     from nas.data import load_dataset
     from search_spaces import get_space
 

@@ -6,13 +6,12 @@ plain-JSON record per pass, which `Policy.replay` turns back into the same model
 live in `compress.passes` (one file each); `compress.run.run_compress` evaluates (model, policy)
 pairs as trials of a run's store (the function behind `nas-run compress`).
 
-Imports flow one way: `search_spaces` <- `nas` <- `compress`; `nas` never imports this package.
+Imports flow one way: `search_spaces` <- `nas` <- `compress` <- `report`, `export`: `nas` never
+imports this package, and this package never imports `report` or `export` (they read what it writes).
 Heavy libraries (Torch-Pruning, ONNX Runtime quantization) are imported inside the passes.
 """
 
 from .errors import PolicyError
-from .export import export_trial
-from .export_formats import load_model
 from .passes import PassContext, QuantizedOnnx, get_pass, list_passes
 from .policy import Compressed, PassSpec, Policy, load_policy_file
 
@@ -23,9 +22,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "QuantizedOnnx",
-    "export_trial",
     "get_pass",
     "list_passes",
-    "load_model",
     "load_policy_file",
 ]

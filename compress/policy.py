@@ -24,7 +24,7 @@ from typing import Any
 from .errors import PolicyError
 from .passes.base import PassContext, QuantizedOnnx, get_pass
 
-__all__ = ["Compressed", "Policy", "PassSpec", "load_policy_file"]
+__all__ = ["Compressed", "Policy", "PassSpec", "load_policy_file", "policy_label"]
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,6 @@ class Policy:
         its id, its label as the console prints it, its label as the report prints it, and its
         passes' names joined by ``+`` (``structured+finetune+int8``). Never a piece of a label:
         ``structured`` must not pick ``unstructured``."""
-        from nas.report.runs import policy_label  # the report's own naming, so what it shows is accepted
-
         return (self.id, self.label(), policy_label(self.to_str()), "+".join(s.name for s in self.passes) or "none")
 
     def matches(self, name: str) -> bool:
@@ -214,6 +212,40 @@ def _plain(value: Any) -> Any:
         return value.item()
     except AttributeError:
         raise PolicyError(f"policy settings and records are plain JSON values, got {type(value).__name__}") from None
+
+
+# the one setting worth showing per pass in a short label (the rest are in the report's policy column)
+_KEY_SETTING = {
+    "structured": "ratio",
+    "unstructured": "sparsity",
+    "lowrank": "target",
+    "lowbit": "bits",
+    "finetune": "epochs",
+}
+
+
+def policy_label(text: str | None) -> str:
+    """``structured 0.5 + finetune 4 kd + int8`` from a policy's canonical JSON, ``none`` if empty:
+    the report's name of a policy, which ``--policy NAME`` accepts (`Policy.names`). Read from the
+    text alone, so a stored policy whose passes changed since still gets a name."""
+    if not text:
+        return "none"
+    try:
+        passes = json.loads(text).get("passes", [])
+    except (ValueError, AttributeError):
+        return "?"
+    parts = []
+    for p in passes:
+        name = str(p.get("pass", "?"))
+        settings = p.get("settings", {k: v for k, v in p.items() if k != "pass"})
+        bits = [name]
+        key = _KEY_SETTING.get(name)
+        if key in settings and not isinstance(settings[key], dict | list):
+            bits.append(f"{settings[key]:g}" if isinstance(settings[key], float) else str(settings[key]))
+        if settings.get("kd"):
+            bits.append("kd")
+        parts.append(" ".join(bits))
+    return " + ".join(parts) or "none"
 
 
 def _name_key(name: str) -> str:

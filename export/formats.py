@@ -5,7 +5,7 @@ silently wrong.
 Every export carries the same metadata (plain JSON): genotype, search space and its resolved
 options (or the user's builder), input spec (shape, dtype, layout, the standardisation the
 model expects, class names), policy and per-pass records, the trial's metrics, and a manifest:
-SHA-256 hashes of the weights, the graph or code, and the metadata (`export_manifest`). Where
+SHA-256 hashes of the weights, the graph or code, and the metadata (`compress.export_manifest`). Where
 it lives:
 
 | format | file | metadata |
@@ -41,12 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.integrity import file_sha256
-from search_spaces import Genotype, get_space
-
-from .errors import PolicyError
-from .export_manifest import EXTRA as TS_EXTRA
-from .export_manifest import (
+from compress.errors import PolicyError
+from compress.export_manifest import EXTRA as TS_EXTRA
+from compress.export_manifest import (
     SIDE_SUFFIX,
     STR_KEYS,
     ExportError,
@@ -55,9 +52,13 @@ from .export_manifest import (
     onnx_sha256,
     zip_sha256,
 )
-from .export_manifest import one_line as _one_line
-from .passes.base import PassContext
-from .policy import Policy
+from compress.export_manifest import one_line as _one_line
+from compress.passes.base import PassContext
+from compress.policy import Policy
+from nas.integrity import file_sha256
+from search_spaces import Genotype, get_space
+
+from . import FORMATS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -79,7 +80,6 @@ __all__ = [
     "write_export",
 ]
 
-FORMATS = ("onnx", "onnx-int8", "pt2", "torchscript", "safetensors")
 FORMAT_VERSION = 2  # 2: the manifest (weights, graph/code, metadata); 1 (weights only) still loads
 OPSET = 17  # compress.passes.int8.OPSET: the float and int8 exports share it
 DEPLOY_STEPS = ["reparameterize", "fold_batchnorm"]
@@ -120,7 +120,7 @@ class ModelSpec:
             space = get_space(self.space, **dict(self.space_options))
             model = space.build(space.from_str(self.genotype), self.input_shape, self.num_classes)
         elif self.builder is not None:
-            from .user_model import check_builder, load_user_model
+            from compress.user_model import check_builder, load_user_model
 
             check_builder(self.builder, self.builder_sha256)  # a changed builder file: refused
             user = load_user_model(self.builder, None, self.input_shape, self.num_classes)
@@ -304,7 +304,7 @@ def write_export(path: Path, fmt: str, meta: Mapping[str, Any], model: Any = Non
 
 
 def _float_onnx(model: Any, meta: Mapping[str, Any]) -> bytes:
-    from .passes.int8 import export_float_onnx
+    from compress.passes.int8 import export_float_onnx
 
     return export_float_onnx(model, tuple(meta["input_shape"]))
 
@@ -469,7 +469,7 @@ def load_export(path: str | os.PathLike[str], threads: int | None = None) -> Exp
 
 
 def _sniff(p: Path) -> str:
-    from .export_manifest import sniff
+    from compress.export_manifest import sniff
 
     return sniff(p)
 

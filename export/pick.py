@@ -30,11 +30,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from compress.policy import Policy
 from nas.objectives import Constraint, Objective, acc_drop_bounds, losses, parse_constraints
 from nas.store import tie_break
 from search_spaces import ConfigError
-
-from .policy import Policy
 
 __all__ = ["GRAMMAR", "PickError", "Picked", "Rule", "drop_limit", "parse_rule", "pick_trial", "pool"]
 

@@ -26,7 +26,7 @@ metric has no chance level at all. So every compression trial also gets ``large_
 the run's tightest ``acc_drop`` constraint if it has one, else `DROP_LIMIT` (5 points); a drop of
 exactly the limit meets it (1e-9 tolerance). `large_drop_message` is its warning line. The HTML
 report keeps its own stricter banner (1 point without a constraint, the export check's threshold,
-`nas.report.banners`): it is a review of the run, this one is said while trials run.
+`report.banners`): it is a review of the run, this one is said while trials run.
 """
 
 from __future__ import annotations

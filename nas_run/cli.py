@@ -270,7 +270,7 @@ def _search(args: argparse.Namespace) -> int:
         config = SearchConfig.from_mapping(settings, source=args.config or "flags")
 
     if args.export is not None:  # a typo must not cost the whole search first
-        from compress.export_formats import FORMATS
+        from export import FORMATS
         from search_spaces import UnknownNameError
 
         if args.export not in FORMATS:

@@ -147,7 +147,7 @@ class CompressProgress:
 
     def on_result(self, cand: Any, result: Any) -> None:
         from compress.policy import Policy
-        from nas.report.units import human
+        from report.units import human
 
         self.done += 1
         if self.quiet:
@@ -186,7 +186,7 @@ class CompressProgress:
             print("no compression trials", file=out)
             return
         from compress.policy import Policy
-        from nas.report.units import human, label
+        from report.units import human, label
 
         df = df.copy()
         df["policy_text"] = df["policy"]

@@ -1,5 +1,5 @@
 """`nas-run export`: one trial of a run as ONNX / int8 ONNX / TorchScript / safetensors, loaded
-back and checked (see `compress.export`)."""
+back and checked (see the `export` package)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["add_export_parser", "export_command"]
 
 
 def add_export_parser(sub: Any) -> None:
-    from compress.export_formats import FORMATS
+    from export import FORMATS
 
     e = sub.add_parser(
         "export",
@@ -42,8 +42,8 @@ def add_export_parser(sub: Any) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from compress.export import export_trial
-    from compress.export_formats import ExportCheckError, sidecar_path
+    from export.formats import ExportCheckError, sidecar_path
+    from export.trial import export_trial
 
     try:
         # getattr: `search --export` calls this with the flags it has
@@ -57,7 +57,7 @@ def export_command(args: argparse.Namespace) -> int:
         print(r.picked)
     print(f"exported trial {r.trial} as {r.format}{opset}: {r.path}")
     if r.format == "safetensors":
-        print(f"  sidecar: {sidecar_path(r.path)} (load with compress.load_model(path))")
+        print(f"  sidecar: {sidecar_path(r.path)} (load with export.load_model(path))")
     print(f"  genotype: {r.genotype}")
     print(f"  policy:   {r.policy_label}")
     print(f"  check:    passed: {r.check['summary']}")

@@ -30,7 +30,7 @@ def add_report_parser(sub: Any) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from nas.report import make_report
+    from report import make_report
 
     report = make_report(args.dirs, out=args.out, top_k=args.top_k, png=not args.no_png)
     for run in report.runs:

@@ -6,7 +6,8 @@ driver) and writes, into ``<run>/report/`` (several runs: ``<first run>/report-c
     front.png, fronts.png, hypervolume.png, learning_curves.png   the main plots (matplotlib)
     trials.csv, trials.parquet   every trial of every run, with the report's derived columns
 
-`nas` draws search spaces but never imports `compress`: policies are read from their JSON.
+The report sits above what it reads (``search_spaces <- nas <- compress <- report``): run
+folders through `nas.store`, policy names through `compress.policy`; nothing below imports it.
 Plotly and matplotlib are imported only while a report is written.
 """
 

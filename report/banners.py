@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..objectives import Constraint, acc_drop_bounds
+from nas.objectives import Constraint, acc_drop_bounds
+
 from .runs import RunData
 from .units import human
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..objectives import Objective
+from nas.objectives import Objective
+
 from .runs import LOG_METRICS, RunData, hypervolume_curve, reference_point
 from .units import human
 

@@ -6,8 +6,8 @@ store is opened with ``read_only=True`` and nothing in the folder is written her
 Columns added to `RunStore.dataframe()` (one row per trial, compression trials included):
 
 - ``run``: the run's name (its folder); ``kind``: ``architecture`` or ``compressed``;
-- ``policy_label``: a short name of the compression policy (``none`` for architectures), read
-  from the policy's canonical JSON without importing `compress` (imports flow the other way);
+- ``policy_label``: a short name of the compression policy (``none`` for architectures),
+  `compress.policy.policy_label` of its canonical JSON;
 - ``size_bytes`` / ``size_source``: the model's size. Compressed trials measured their ONNX
   file (``onnx file``). An architecture whose compression trials measured its uncompressed
   ONNX file (``base_file_bytes``) gets that (``onnx file``); any other architecture gets its
@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from compress.policy import policy_label  # one short name per policy, here and in --policy NAME
+from nas.objectives import Constraint, Objective, losses, parse_constraints, parse_objectives
+from nas.pareto import hypervolume_2d, pareto_mask
 from search_spaces import ConfigError
-
-from ..objectives import Constraint, Objective, losses, parse_constraints, parse_objectives
-from ..pareto import hypervolume_2d, pareto_mask
 
 __all__ = [
     "LOG_METRICS", "ORT_ONLY_PASSES", "RunData", "hypervolume", "hypervolume_curve", "last_pass", "load_run",
@@ -54,16 +54,8 @@ METRIC_COLUMNS = (
     "epochs", "train_loss",
 )  # fmt: skip
 # passes whose model exists only in ONNX Runtime (`compress`'s passes with ``terminal = True``;
-# nas never imports compress, so tests/test_report_truth.py checks that the two agree)
+# tests/test_report_truth.py checks that the two agree)
 ORT_ONLY_PASSES = frozenset({"int8"})
-# the one setting worth showing per pass (the rest are in the table's policy column)
-_KEY_SETTING = {
-    "structured": "ratio",
-    "unstructured": "sparsity",
-    "lowrank": "target",
-    "lowbit": "bits",
-    "finetune": "epochs",
-}
 
 
 @dataclass
@@ -86,28 +78,6 @@ class RunData:
     @property
     def title(self) -> str:
         return f"{self.name} ({self.strategy})"
-
-
-def policy_label(text: str | None) -> str:
-    """``structured 0.5 + finetune 4 kd + int8`` from a policy's canonical JSON; ``none`` if empty."""
-    if not text:
-        return "none"
-    try:
-        passes = json.loads(text).get("passes", [])
-    except (ValueError, AttributeError):
-        return "?"
-    parts = []
-    for p in passes:
-        name = str(p.get("pass", "?"))
-        settings = p.get("settings", {k: v for k, v in p.items() if k != "pass"})
-        bits = [name]
-        key = _KEY_SETTING.get(name)
-        if key in settings and not isinstance(settings[key], dict | list):
-            bits.append(f"{settings[key]:g}" if isinstance(settings[key], float) else str(settings[key]))
-        if settings.get("kd"):
-            bits.append("kd")
-        parts.append(" ".join(bits))
-    return " + ".join(parts) or "none"
 
 
 def last_pass(text: str | None) -> str:
@@ -135,9 +105,9 @@ def _compress_constraints(path: Path, config: dict[str, Any]) -> tuple[Constrain
 
 def _open(path: Path) -> tuple[Any, dict[str, Any], tuple[Objective, ...], tuple[Constraint, ...]]:
     """The read-only store of a search run (config.json) or of a ``compress --model`` folder."""
-    from ..config import read_json_file
-    from ..search import open_store
-    from ..store import RunStore
+    from nas.config import read_json_file
+    from nas.search import open_store
+    from nas.store import RunStore
 
     if (path / "config.json").is_file():
         store = open_store(path, read_only=True)
@@ -160,7 +130,7 @@ def load_run(run_dir: str | Path) -> RunData:
     """Everything a report shows about one run folder; raises `ConfigError` for anything else."""
     import pandas as pd
 
-    from ..search import driver_running
+    from nas.search import driver_running
 
     path = Path(run_dir)
     if not path.is_dir():

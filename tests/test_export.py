@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress import load_model
-from compress.export import export_trial, exports_of, verify_export
-from compress.export_formats import ExportCheckError, ExportError, load_export, sidecar_path
 from compress.passes.base import PassContext
 from compress.policy import Policy
 from compress.run import CompressConfig, run_compress
+from export import load_model
+from export.formats import ExportCheckError, ExportError, load_export, sidecar_path
+from export.trial import export_trial, exports_of, verify_export
 from nas.config import SearchConfig
 from nas.data import load_dataset
 from nas.search import open_store, read_config, run_search
@@ -176,8 +176,8 @@ def test_tampered_truncated_and_mismatched_files_are_refused(runs, tmp_path):
         load_export(tmp_path / "edited.onnx")
     # a forgery that also rewrote the whole manifest loads (hashes prove integrity, not authorship),
     # but the parity check against the run fails loudly
-    from compress.export_formats import _seal
     from compress.export_manifest import STR_KEYS, onnx_sha256
+    from export.formats import _seal
 
     meta = {p.key: (p.value if p.key in STR_KEYS else json.loads(p.value)) for p in proto.metadata_props}
     _seal(meta, *onnx_sha256(proto))
@@ -274,13 +274,13 @@ def test_export_command_prints_path_format_opset_and_check(runs, tmp_path, capsy
 
 
 def test_a_failed_check_writes_nothing_and_the_command_exits_1(runs, tmp_path, capsys, monkeypatch):
-    import compress.export as export
+    import export.trial as export
     from nas_run.export_cmd import add_export_parser, export_command
 
     def corrupting(loaded, ref, q_bytes, data):  # as if the file had come back different
         return {"passed": False, "summary": "max abs diff 3.1e-01 > 0.0001 on 359 validation samples"}
 
-    monkeypatch.setattr(export, "_check", corrupting)
+    monkeypatch.setattr(export, "parity_check", corrupting)
     out = tmp_path / "m.safetensors"
     with pytest.raises(ExportCheckError, match="nothing was written"):
         export_trial(runs["nb201"], format="safetensors", out=out)
@@ -306,7 +306,7 @@ def test_cli_export_bad_input_exits_2(runs, tmp_path, capsys):
 def test_fold_batchnorm_folds_only_pairs_it_can_prove_safe():
     from torch import nn
 
-    from compress.export_formats import fold_batchnorm
+    from export.formats import fold_batchnorm
     from search_spaces.nasnet_ops import FactorizedReduce
 
     class Both(nn.Sequential):  # its own forward also uses the conv's output: not foldable

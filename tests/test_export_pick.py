@@ -1,4 +1,4 @@
-"""`nas-run export` picks by the run's objectives and constraints (`compress.pick`): over
+"""`nas-run export` picks by the run's objectives and constraints (`export.pick`): over
 architectures and compressed trials, feasible first, `--pick` rules (min/max/knee, `where`),
 bad rules one line; the exported model's accuracy is stated against its float base and
 `--strict` refuses a drop over the limit; constraints are stored (compress.csv), judged with a
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from compress.pick import PickError, drop_limit, pick_trial
 from compress.policy import Policy
+from export.pick import PickError, drop_limit, pick_trial
 from nas.objectives import Constraint, excess, parse_constraints, parse_objectives
 from nas_run.cli import main
 
@@ -206,9 +206,9 @@ def model_runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _records(run: Path) -> list[dict]:
-    from compress.export import _open_run
+    from export.run_folder import open_run
 
-    return _open_run(run).store.records()
+    return open_run(run).store.records()
 
 
 def _export(capsys, run: Path, out: Path, *args: str) -> tuple[int, str, str]:

@@ -411,8 +411,7 @@ def test_a_rerun_keeps_the_stored_settings_and_a_copied_folder_resumes_itself(
 
 
 def test_policy_names_are_matched_whole() -> None:
-    from compress.policy import Policy
-    from nas.report.runs import policy_label
+    from compress.policy import Policy, policy_label
 
     structured = Policy.of(("structured", {"ratio": 0.5}), ("finetune", {"epochs": 4, "kd": True}))
     unstructured = Policy.of(("unstructured", {"sparsity": 0.5}), ("finetune", {"epochs": 4}))

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from compress import load_model
-from compress.export import export_trial
-from compress.export_formats import FORMATS, ExportError, load_export, sidecar_path
 from compress.policy import Policy
 from compress.run import CompressConfig, run_compress
+from export import load_model
+from export.formats import FORMATS, ExportError, load_export, sidecar_path
+from export.trial import export_trial
 from nas.config import SearchConfig
 from nas.data import load_dataset
 from nas.final_training import train_final

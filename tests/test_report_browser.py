@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 from report_runs import add_compression, fake_run
 
-from nas.report import make_report
 from nas.search import open_store
+from report import make_report
 
 pytestmark = pytest.mark.slow
 

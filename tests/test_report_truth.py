@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from report_runs import add_compression, fake_run
 
-from nas.report import load_run, make_report
-from nas.report.arch_draw import draw_architecture
-from nas.report.banners import banners
-from nas.report.figures import AXES
-from nas.report.png import front_figure, fronts_figure
-from nas.report.runs import ORT_ONLY_PASSES
-from nas.report.units import human
+from report import load_run, make_report
+from report.arch_draw import draw_architecture
+from report.banners import banners
+from report.figures import AXES
+from report.png import front_figure, fronts_figure
+from report.runs import ORT_ONLY_PASSES
+from report.units import human
 from search_spaces import get_space
 from search_spaces.darts_genotypes import named_genotype
 from search_spaces.nasnet_cell import cell_blocks, loose_ends

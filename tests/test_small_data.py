@@ -138,14 +138,14 @@ def test_ties_in_val_acc_go_to_the_lower_val_loss(tmp_path):
 
 
 def test_export_and_train_picks_break_ties_by_val_loss():
-    from compress.export import _final_trained
+    from export.run_folder import final_trained
 
     recs = [
         {"number": 5, "stage": "train", "status": "complete", "metrics": {"val_acc": 0.9, "val_loss": 0.5}},
         {"number": 6, "stage": "train", "status": "complete", "metrics": {"val_acc": 0.9, "val_loss": 0.2}},
         {"number": 7, "stage": "train", "status": "complete", "metrics": {"val_acc": 0.9, "val_loss": 0.3}},
     ]
-    assert _final_trained(None, recs)["number"] == 6
+    assert final_trained(None, recs)["number"] == 6
 
 
 # -- chance level -----------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def search_rows(path: str, seeds: int, evals: int, workers: int, rank_names: tup
     """Markdown rows: mean and median best accuracy @30 and @evals over ``seeds`` runs. Each run
     is kept as one line of results/proxies_nb201_search.jsonl as it ends: a report run again
     (or after an interruption) runs only what is missing."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     done_path = Path(path).with_name("proxies_nb201_search.jsonl")
@@ -96,8 +97,12 @@ def search_rows(path: str, seeds: int, evals: int, workers: int, rank_names: tup
                 continue
             if r.get("tag") == tag:
                 results[(r["variant"], r["seed"])] = (r["variant"], r["seed"], r["trace"], r["seconds"])
-    jobs = [(v, s, evals, path, rank_names) for v in VARIANTS for s in range(seeds) if (v, s) not in results]
-    with ProcessPoolExecutor(workers) as pool, open(done_path, "a") as log:
+    # seed by seed: an interrupted report still holds whole seeds of every variant (then --seeds fewer)
+    jobs = [(v, s, evals, path, rank_names) for s in range(seeds) for v in VARIANTS if (v, s) not in results]
+    # spawn, not fork: the report has fitted XGBoost models already, and a forked child inherits
+    # the OpenMP runtime's state mid-flight; its first fit then waits forever (seen here)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool, open(done_path, "a") as log:
         for future in as_completed([pool.submit(one_run, job) for job in jobs]):
             variant, seed, trace, secs = future.result()
             results[(variant, seed)] = (variant, seed, trace, secs)

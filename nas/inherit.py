@@ -31,7 +31,7 @@ from search_spaces import ConfigError, Genotype, SearchSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MAX_DISTANCE", "Lineage", "Parent", "default_inherit_epochs", "load_parent"]
+__all__ = ["MAX_DISTANCE", "Lineage", "Parent", "default_inherit_epochs", "inherit_surrogate_options", "load_parent"]
 
 # decisions a child may differ from its parent in: beyond two, little of the parent carries over
 MAX_DISTANCE = 2
@@ -159,12 +159,21 @@ class Lineage:
         self.chosen = {k: None if p is None else Parent(**p) for k, p in saved.items()}
 
 
+def inherit_surrogate_options(lineage: Lineage, n_init: int) -> dict[str, Any]:
+    """The surrogate strategy's defaults under inheritance (a config's own options win): mutants of
+    its best trials only (a uniform sample trains from scratch, at 4x a child's cost), half the
+    usual random start (``n_init``: the surrogate's default; a scratch trial costs what several
+    children do, and EAS starts from one network), and the lineage features."""
+    return {"mutant_fraction": 1.0, "n_init": max(2, math.ceil(n_init / 2)), "trial_features": lineage.features}
+
+
 def load_parent(
     model: torch.nn.Module, space: SearchSpace, child: Genotype, parent_text: str, seed: int
 ) -> dict[str, float]:
     """Fill a freshly built child with its parent's weights (worker side); the metrics that say
     what carried over. A damaged parent file is refused (`nas.integrity`), not trained from."""
     from safetensors.torch import load_file
+
     from search_spaces.morph import inherit
 
     from .integrity import verify_file

@@ -278,8 +278,11 @@ def prepare_run(
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
         given = plan.surrogate_options(space, evaluator) if plan is not None else {"stats_fn": _model_statistics(evaluator)}
-        if cfg.inherit:  # children of trained trials only (distance 1-2): a uniform sample would train from scratch
-            given = {**given, "mutant_fraction": 1.0, "trial_features": lineage.features if lineage else None}
+        if lineage is not None:
+            from .inherit import inherit_surrogate_options
+            from .strategies.base import get_strategy
+
+            given = {**given, **inherit_surrogate_options(lineage, get_strategy("surrogate").options()["n_init"])}
         options = {**{k: v for k, v in given.items() if v is not None}, **options}  # the config's own win
     strategy = make_strategy(cfg.strategy, space, n_objectives=len(objectives), seed=cfg.seed, **options)
     if plan is not None:

@@ -254,3 +254,17 @@ def test_kill_minus_9_and_resume_with_inheritance_keeps_every_parent(tmp_path, k
         assert int(row.parent) in complete.index and int(row.parent) < number
         assert complete.loc[int(row.parent), "genotype"] == row.parent_genotype
 
+
+
+def test_the_surrogate_under_inheritance_proposes_mutants_from_a_smaller_random_start(tmp_path):
+    from nas.config import SearchConfig
+    from nas.search import prepare_run
+
+    base = dict(space="nb201", dataset="digits", inherit=True, trials=1)
+    run = prepare_run(SearchConfig(**base, out=str(tmp_path / "a")))
+    strategy = run.controller.strategy
+    assert (strategy.n_init, strategy.mutant_fraction) == (5, 1.0) and strategy.trial_features is not None
+    run.lock.close()
+    own = prepare_run(SearchConfig(**base, strategy_options={"n_init": 8}, out=str(tmp_path / "b")))
+    assert own.controller.strategy.n_init == 8  # the config's own options win
+    own.lock.close()

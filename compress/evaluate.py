@@ -18,7 +18,9 @@ task's metric, higher is better (``-mae`` for mae), and a metric other than accu
 recorded plainly as ``val_<metric>``, ``test_<metric>`` and ``base_val_<metric>``.
 
 The compressed model and the records that rebuild it are kept under
-``artefacts_dir/<genotype id>+<policy id>/``.
+``artefacts_dir/<genotype id>+<policy id>/`` as an artefact (`nas.artefact`): the model file,
+``policy.json`` (records, notes, metrics) and the manifest hashing both. The uncompressed model is
+read through the same loader (`compress.artefact_model.load_artefact`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
     from nas.data import Dataset
 
+    from .artefact_model import LoadedArtefact
     from .tasks import Task
 
 __all__ = ["BaseModel", "CompressionEvaluator", "check_policy", "needs_eager", "TRAINING_FORM_PASSES", "RECALIBRATE_AFTER", "deploy_policy", "USER_MODEL_SPACE", "artefact_dir", "user_genotype"]
@@ -222,20 +225,16 @@ class CompressionEvaluator:
             trainer = self.trainer()
             path = self.base_weights(genotype)
             if path is not None and path.is_file():
-                from safetensors.torch import load_file
-
-                from nas.integrity import verify_file
-
-                verify_file(path, "weights")  # edited or truncated: one line, never compressed
-                module = trainer.search_space().build(genotype, data.input_shape, data.num_classes)
-                module.load_state_dict(load_file(str(path)), strict=True)
+                module = self.base_artefact(genotype, path).module  # verified: edited or truncated is one line
             else:  # a run from before weights were kept: train again, seeded as the search did
+                from nas.artefact import keep_trial_artefact
                 from nas.training import save_weights
 
                 module, _, _ = trainer.train_model(genotype, self.train_epochs)
                 module = module.cpu()
                 if path is not None:
                     save_weights(module, path)
+                    keep_trial_artefact(trainer, genotype, self.train_epochs, {})
                 retrained = True
             kind = "eager"
         module = module.cpu().eval()
@@ -256,12 +255,51 @@ class CompressionEvaluator:
         return self.final_weights(genotype) or self.trainer().weights_path(genotype, self.train_epochs)
 
     def verify_base(self, genotype: Genotype) -> None:
-        """Check the kept weights against their digest before a compression run opens its store."""
-        from nas.integrity import verify_file
+        """Check the kept model (its artefact) before a compression run opens its store."""
+        from nas.artefact import open_artefact
 
         path = self.base_weights(genotype)
         if path is not None and path.is_file():
-            verify_file(path, "weights")
+            open_artefact(path, legacy=self._legacy_base(genotype, path))
+
+    def base_artefact(self, genotype: Genotype, path: Path) -> LoadedArtefact:
+        """The trained model's artefact at ``path`` (a search trial's or `nas-run train`'s), loaded
+        through the one loader; it must hold this genotype of this space."""
+        from .artefact_model import load_artefact
+
+        loaded = load_artefact(path, legacy=self._legacy_base(genotype, path))
+        spec = loaded.spec
+        if spec.genotype != genotype.to_str() or spec.space != self.space:
+            from search_spaces import ConfigError
+
+            raise ConfigError(f"the artefact {str(path)!r} holds {spec.genotype} of space {spec.space!r}, "
+                              f"not {genotype.to_str()} of {self.space!r}: it is another model's")
+        return loaded
+
+    def _legacy_base(self, genotype: Genotype, path: Path) -> dict[str, Any] | None:
+        """How a model file from before artefacts (no manifest) is read: as this run describes it."""
+        from nas.artefact import has_manifest
+
+        return None if has_manifest(path) else self.base_model(genotype)
+
+    def base_model(self, genotype: Genotype) -> dict[str, Any]:
+        """The manifest fields of the uncompressed model, as this run describes it: what a compressed
+        artefact starts from, and a model file from before artefacts is read as (``legacy``)."""
+        from nas.artefact import describe_model
+
+        data = self.data()
+        if genotype.space != USER_MODEL_SPACE:
+            model = describe_model(genotype, data.input_shape, data.num_classes, self.space, dict(self.space_options))
+        else:  # a builder is stored resolvable from any folder; a TorchScript file by its absolute path
+            from .user_model import portable_builder
+
+            model = describe_model(genotype, data.input_shape, data.num_classes)
+            spec = str(self.model_spec)
+            if ":" in spec and not Path(spec).is_file():
+                model["builder"], model["builder_sha256"] = portable_builder(spec)
+            else:
+                model["base_model"] = str(Path(spec).expanduser().resolve())
+        return {"kind": "trial", "model": model}
 
     def final_weights(self, genotype: Genotype) -> Path | None:
         """The architecture's final-trained weights (`nas-run train`), if it has any."""
@@ -426,12 +464,14 @@ class CompressionEvaluator:
         from nas.integrity import write_digest
 
         if out.is_onnx:
-            (tmp / "model.onnx").write_bytes(out.model.model_bytes)
-            write_digest(tmp / "model.onnx")
+            model_file = tmp / "model.onnx"
+            model_file.write_bytes(out.model.model_bytes)
+            write_digest(model_file)
         else:
             from nas.training import save_weights
 
-            save_weights(out.model, tmp / "model.safetensors")  # with its digest
+            model_file = tmp / "model.safetensors"
+            save_weights(out.model, model_file)  # with its digest
         (tmp / "policy.json").write_text(
             json.dumps(
                 {
@@ -449,9 +489,39 @@ class CompressionEvaluator:
             )
         )
         write_digest(tmp / "policy.json")  # its records rebuild the model: checked like the weights
+        self._write_manifest(genotype, policy, out, metrics, model_file, tmp / "policy.json")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    def _write_manifest(self, genotype: Genotype, policy: Policy, out: Compressed, metrics: dict[str, float],
+                        model_file: Path, records_file: Path) -> None:
+        """The compressed model as an artefact (`nas.artefact`): the model file, policy.json, and the
+        manifest that rebuilds it: the base model's description with the applied policy's records."""
+        from nas.artefact import input_spec, write_artefact
+
+        from .artefact_model import describe_compressed
+
+        base = self.base_model(genotype)["model"]
+        path = self.base_weights(genotype)
+        write_artefact(
+            model_file, "compressed", describe_compressed(base, out), extra_files=[records_file],
+            policy=policy.to_str(), input_spec=input_spec(self.data(), self.standardize),
+            data={"dataset": self.dataset, "seed": self.data_seed, "val_fraction": self.val_fraction,
+                  "layout": self.layout, "standardize": self.standardize},
+            # where the uncompressed model came from: its artefact (in the run folder), or the user's files
+            base=_provenance(path, Path(self.artefacts_dir).parent) if path is not None
+            else {"model": self.model_spec, "weights": self.model_weights},
+            metrics=dict(metrics),
+        )
+
+
+def _provenance(path: Path, run_dir: Path) -> dict[str, Any]:
+    """The base artefact's model file, relative to the run folder where it lies inside it."""
+    try:
+        return {"artefact": str(path.resolve().relative_to(run_dir.resolve()))}
+    except ValueError:
+        return {"artefact": str(path)}
 
 
 def _sparsity(model: nn.Module) -> float:

@@ -425,8 +425,10 @@ class JointEvaluator:
         path = trainer.weights_path(genotype, budget)
         trained = 0.0
         if path is None or not path.is_file():
+            from nas.artefact import keep_trial_artefact
+
             # training reports every epoch (the float model's val_acc): early stopping decides here
-            trainer(genotype, budget, report)
+            keep_trial_artefact(trainer, genotype, budget, trainer(genotype, budget, report))
             trained = 1.0
         metrics = self.compression(genotype, budget, _no_report, policy=policy)
         metrics["trained"] = trained

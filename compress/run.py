@@ -10,7 +10,8 @@ config, so ``--resume`` continues exactly (see `CompressionController`).
 Folder contents added by compression::
 
     compress.json                 the resolved compression config
-    compressed/<gid>+<pid>/       per candidate: model.safetensors or model.onnx, policy.json
+    compressed/<gid>+<pid>/       per candidate (an artefact): model.safetensors or model.onnx, policy.json,
+                                  model.manifest.json
     compress.csv                  one row per compression trial (written at the end)
 """
 

@@ -1,8 +1,11 @@
 """Export: one trial of a run as a deployable file, loaded back and checked (``nas-run export``),
 and loading such a file again (``load_model``, ``load_export``, ``verify_export``).
 
-- `export.trial`: `export_trial` — choose the trial, rebuild its model, write the deploy form,
+- `export.trial`: `export_trial` — choose the trial, load its model, write the deploy form,
   load it back in its runtime, check it against the trial's model, record the check;
+- `export.reference`: the trial's model — its artefact (`nas.artefact`), located from its record
+  and loaded through `compress.artefact_model.load_artefact`;
+- `export.check`: the parity check, and `verify_export` (the same check of an existing export);
 - `export.run_folder`: a run folder as export reads it, and which trial ``--trial``/``--policy``
   name;
 - `export.pick`: the ``--pick`` rules (the run's objectives and constraints by default);

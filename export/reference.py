@@ -1,5 +1,9 @@
-"""The trial's model rebuilt in memory, as the run holds it (before merging and folding): what an
-export is written from and checked against (`Reference`)."""
+"""The trial's model in memory, as the run holds it (before merging and folding): what an export is
+written from and checked against (`Reference`). It is the trial's artefact (`nas.artefact`: model
+file + manifest), located from the trial's record and loaded through the one loader
+(`compress.artefact_model.load_artefact`), which verifies it and rebuilds the model from the
+manifest. A run made before artefacts still exports: its model file is described from the run's
+config and the trial's record (and a compression trial's ``policy.json``), with a note."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress.passes.base import PassContext
 from compress.policy import Policy
 from search_spaces import ConfigError, Genotype
 
@@ -33,74 +36,67 @@ class Reference:
 
 
 def reference(run: RunFolder, rec: dict[str, Any], data: Dataset) -> Reference:
-    import torch
-    from safetensors.torch import load_file
+    """The trial's artefact (`artefact_file`), loaded through the one loader: verified, rebuilt from
+    its manifest. A model file from before artefacts is described from the run (`_legacy`)."""
+    from compress.artefact_model import load_artefact
+    from nas.artefact import has_manifest
 
+    path = artefact_file(run, rec)
+    loaded = load_artefact(path, legacy=None if has_manifest(path) else _legacy(run, rec, path, data))
+    if loaded.spec.genotype != rec["genotype"]:
+        raise ConfigError(f"the artefact {str(path)!r} holds {loaded.spec.genotype}, trial {rec['number']} is {rec['genotype']}")
+    float_acc = rec["metrics"].get("base_val_acc") if loaded.onnx is not None else None
+    return Reference(rec, loaded.spec, loaded.module, loaded.onnx, float_acc)
+
+
+def artefact_file(run: RunFolder, rec: Mapping[str, Any]) -> Path:
+    """Where a trial's model file is: a search trial's weights, `nas-run train`'s (its record says
+    where), or a compression trial's ``compressed/<gid>+<pid>/model.safetensors`` (``model.onnx``
+    for int8)."""
+    genotype = Genotype.from_str(rec["genotype"])
+    if rec["stage"] == "compress":
+        from compress.evaluate import artefact_dir
+
+        policy = Policy.from_json(rec["policy"])
+        folder = artefact_dir(run.dir / "compressed", genotype, policy)
+        path = folder / ("model.onnx" if policy.terminal else "model.safetensors")
+        if not path.is_file():
+            raise ConfigError(f"trial {rec['number']}'s compressed model is missing ({path}); "
+                              f"run nas-run compress --resume {run.dir}")
+        return path
+    if rec["stage"] == "train":
+        return run.dir / str(run.store.study.get_trials(deepcopy=False)[rec["number"]].user_attrs.get("weights"))
+    path = run.dir / "weights" / f"{genotype.id}-s{rec['seed']}-e{rec['budget']}.safetensors"
+    if not path.is_file():
+        raise ConfigError(
+            f"trial {rec['number']} has no trained weights ({path}): the run was made before weights were kept; "
+            f"re-run the search, or compress it (nas-run compress --run {run.dir}), which re-trains and keeps them"
+        )
+    return path
+
+
+def _legacy(run: RunFolder, rec: Mapping[str, Any], path: Path, data: Dataset) -> dict[str, Any]:
+    """The manifest fields of a model file written before artefacts, from the run's config and the
+    trial's record (a compression trial's from its verified ``policy.json``)."""
+    from nas.artefact import describe_model
     from nas.integrity import verify_file
 
-    genotype = Genotype.from_str(rec["genotype"])
-    shape, classes = tuple(data.input_shape), int(data.num_classes)
-    base = {"genotype": rec["genotype"], "input_shape": shape, "num_classes": classes, "space": run.space,
-            "space_options": run.space_options}
-    if rec["stage"] != "compress":  # an architecture trial: build, load its trained weights
-        from search_spaces import get_space
+    model = describe_model(rec["genotype"], data.input_shape, data.num_classes, run.space, run.space_options)
+    if rec["stage"] != "compress":
+        return {"kind": "train" if rec["stage"] == "train" else "trial", "model": model}
+    records_file = path.with_name("policy.json")
+    verify_file(records_file, "compressed model's records")
+    applied, records = _applied(run, Policy.from_json(rec["policy"]), json.loads(records_file.read_text()))
+    model.update(applied_policy=applied.to_str(), records=records)
+    if run.space is None:  # a user's builder, stored resolvable from any folder; or a TorchScript file
+        spec = str(run.model_spec)
+        if ":" in spec and not Path(spec).is_file():
+            from compress.user_model import portable_builder
 
-        path = run.dir / "weights" / f"{genotype.id}-s{rec['seed']}-e{rec['budget']}.safetensors"
-        if rec["stage"] == "train":  # `nas-run train`'s weights, where its record says
-            path = run.dir / str(run.store.study.get_trials(deepcopy=False)[rec["number"]].user_attrs.get("weights"))
-        if not path.is_file():
-            raise ConfigError(
-                f"trial {rec['number']} has no trained weights ({path}): the run was made before weights were kept; "
-                f"re-run the search, or compress it (nas-run compress --run {run.dir}), which re-trains and keeps them"
-            )
-        verify_file(path, "weights")  # an edited or truncated file is refused, not exported
-        space = get_space(run.space, **run.space_options)
-        module = space.build(space.from_str(rec["genotype"]), shape, classes)
-        _load_weights(module, load_file(str(path)), path)
-        return Reference(rec, ModelSpec(**base), module.eval())
-
-    from compress.evaluate import artefact_dir
-
-    policy = Policy.from_json(rec["policy"])
-    folder = artefact_dir(run.dir / "compressed", genotype, policy)
-    meta_path = folder / "policy.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"trial {rec['number']}'s compressed model is missing ({folder}); run nas-run compress --resume {run.dir}")
-    verify_file(meta_path, "compressed model's records")
-    kept = json.loads(meta_path.read_text())
-    applied, records = _applied(run, policy, kept)
-    builder = None
-    if run.space is None:
-        builder = run.model_spec
-        if builder is None or ":" not in builder or Path(builder).is_file():
-            builder = None  # a TorchScript file: no builder to rebuild from
-    builder_sha = None
-    if builder is not None:  # stored resolvable from any folder: module path, or absolute file + SHA-256
-        from compress.user_model import portable_builder
-
-        builder, builder_sha = portable_builder(builder)
-    spec = ModelSpec(**base, builder=builder, applied=applied.to_str(), records=tuple(records), builder_sha256=builder_sha)
-    if policy.terminal:
-        onnx_path = folder / "model.onnx"
-        if not onnx_path.is_file():
-            raise ConfigError(f"trial {rec['number']}'s int8 model is missing ({onnx_path})")
-        verify_file(onnx_path, "compressed model")
-        return Reference(rec, spec, onnx=onnx_path.read_bytes(), float_val_acc=rec["metrics"].get("base_val_acc"))
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"trial {rec['number']}'s compressed weights are missing ({weights})")
-    verify_file(weights, "compressed weights")
-    if run.space is None and builder is None:  # a user's TorchScript model: weights go into it
-        from compress.user_model import load_user_model
-
-        module = load_user_model(str(run.model_spec), None, shape, classes).module
-        if applied.passes:
-            module = applied.replay(module, spec.records, PassContext(data=data))
-    else:
-        module = spec.build()
-    with torch.no_grad():
-        _load_weights(module, load_file(str(weights)), weights)
-    return Reference(rec, spec, module.eval())
+            model["builder"], model["builder_sha256"] = portable_builder(spec)
+        else:
+            model["base_model"] = spec
+    return {"kind": "compressed", "model": model, "policy": rec["policy"]}
 
 
 def _applied(run: RunFolder, policy: Policy, kept: Mapping[str, Any]) -> tuple[Policy, list[Any]]:
@@ -118,12 +114,3 @@ def _applied(run: RunFolder, policy: Policy, kept: Mapping[str, Any]) -> tuple[P
     if len(records) != len(applied.passes):
         raise ConfigError(f"the kept records ({len(records)}) do not fit the policy {applied.label()!r}")
     return applied, records
-
-
-def _load_weights(module: Any, state: Mapping[str, Any], path: Path) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"the weights {str(path)!r} do not fit the rebuilt model: {str(exc).splitlines()[0]}") from None
-
-

@@ -1,11 +1,10 @@
 """`export_trial`: one trial of a run folder as a deployable file, loaded back and checked — the
 function behind ``nas-run export DIR [--trial N] [--policy P] --format F --out PATH``.
 
-A trial is an architecture trial (stage "search": the genotype built from the run's config,
-its trained weights from ``weights/``) or a compression trial (stage "compress": the policy's
-records replayed on the built genotype — re-parameterised first for the large-kernel space, as
-compression did — and the fine-tuned weights from ``compressed/<gid>+<pid>/model.safetensors``;
-an int8 trial is its kept ``model.onnx``). Without ``trial`` the best completed architecture
+A trial is an architecture trial (stage "search", or "train" for `nas-run train`'s model) or a
+compression trial (stage "compress"); its model is its artefact (`nas.artefact`), loaded through
+the one loader (`export.reference`: verified, rebuilt from the manifest; an int8 trial is its
+kept ``model.onnx``). Without ``trial`` the best completed architecture
 trial on the run's primary objective is taken (for a ``--model`` compression run, the best
 compression trial); ``policy`` (a policy id or a substring of its label) picks a compression
 trial of that architecture.

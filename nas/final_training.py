@@ -8,7 +8,9 @@ random generators, history: one safetensors file, its JSON part in the header, r
 is written after every epoch under ``DIR/train/``; ``resume=True`` continues from it after a crash
 or kill -9 and ends with the same weights as an uninterrupted run. The final weights go to
 ``DIR/trained/<genotype id>.safetensors`` (the seed with the best validation accuracy), where
-`compress --run` and `export` find them.
+`compress --run` and `export` find them. Each seed's final model and the published copy are
+artefacts (`nas.artefact`): the weights with a manifest (genotype, space, input spec, recipe,
+epochs, seed, split, metrics, file hashes).
 """
 
 from __future__ import annotations
@@ -136,15 +138,25 @@ def train_final(
 
         # equal accuracy: the lower validation loss
         best = max(results, key=lambda r: (r.metrics.get("val_acc", 0.0), -tie_break(r.metrics)))
-        target = out / TRAINED_DIR / f"{g.id}.safetensors"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        verify_file(best.weights, "final weights")  # copied only as written
-        tmp.write_bytes(best.weights.read_bytes())
-        replace_with_digest(tmp, target)
+        _publish(best.weights, out / TRAINED_DIR / f"{g.id}.safetensors", out)
         return results
     finally:
         lock.close()
+
+
+def _publish(weights: Path, target: Path, out: Path) -> None:
+    """The best seed's artefact copied to where `compress --run` and `export` find the architecture's
+    final model: its weights, and its manifest naming where it came from. Copied only as written
+    (the seed's artefact is verified first)."""
+    from .artefact import open_artefact, write_artefact
+
+    source = open_artefact(weights)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(weights.read_bytes())
+    replace_with_digest(tmp, target)
+    fields = {k: v for k, v in source.manifest.items() if k not in ("nas_run_artefact", "kind", "model_file", "files", "producer")}
+    write_artefact(target, "train", **{**fields, "source": str(weights.relative_to(out))})
 
 
 def _chosen(store: RunStore, space: Any, trial: int | None, genotype: str | None) -> tuple[Genotype, int | None]:
@@ -225,6 +237,10 @@ def fit_seed(
     trainer.run(after_epoch=after_epoch)
     # test accuracy on the run's real test split (``evaluator.data()``), measured once, here
     metrics = evaluator.measure_trained(trainer, with_test=True, weights=final)
+    from .artefact import describe_training, write_artefact
+
+    # the final model as an artefact: the weights and the manifest that says what they are
+    write_artefact(final, "train", **describe_training(evaluator, g, epochs, metrics, train_on=train_on))
     return metrics, trainer.history, resumed
 
 

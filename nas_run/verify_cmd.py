@@ -1,6 +1,7 @@
 """`nas-run verify FILE|DIR ...`: check files against the hashes recorded when they were written
 and print what was checked: an export's manifest (format, then weights / graph / metadata, each
-OK or MISMATCH), a run artefact's ``.sha256`` sidecar, or every artefact with one under a folder.
+OK or MISMATCH), a run file's ``.sha256`` sidecar, an artefact's manifest (`nas.artefact`: the
+manifest against its sidecar, then every file it names), or all of these under a folder.
 Exit 0 when everything matches, 2 otherwise (the first problem as the error line)."""
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def _verify_one(f: Path, problems: list[str]) -> None:
+    from nas.artefact import MANIFEST_SUFFIX
     from nas.integrity import IntegrityError, digest_path, verify_file
 
-    if digest_path(f).exists():  # a run artefact: its sidecar
+    if f.name.endswith(MANIFEST_SUFFIX):  # an artefact: its manifest, then every file it names
+        _verify_artefact(f, problems)
+        return
+    if digest_path(f).exists():  # a run file with a sidecar
         try:
             verify_file(f, "artefact")
             print(f"{f}: sha256 OK")
@@ -78,3 +83,16 @@ def _verify_one(f: Path, problems: list[str]) -> None:
         check.raise_if_bad()
     except ExportError as exc:
         problems.append(str(exc))
+
+
+def _verify_artefact(manifest: Path, problems: list[str]) -> None:
+    from nas.artefact import open_artefact
+    from nas.integrity import IntegrityError
+
+    try:
+        art = open_artefact(manifest)
+    except IntegrityError as exc:
+        print(f"{manifest}: artefact MISMATCH")
+        problems.append(str(exc))
+        return
+    print(f"{manifest}: artefact OK ({art.kind}: {', '.join(sorted(art.manifest['files']))} and the manifest)")

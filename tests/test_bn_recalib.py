@@ -78,7 +78,7 @@ def test_replay_recomputes_the_same_statistics_and_a_shape_only_context_keeps_th
     assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), again.state_dict().values(), strict=True))
     assert not torch.equal(out[2].running_mean, model[2].running_mean)
 
-    class ShapeOnly:  # what rebuilding a structure passes (export.formats._ShapeOnly)
+    class ShapeOnly:  # what rebuilding a structure passes (compress.model_spec._ShapeOnly)
         input_shape, num_classes = (1, 8, 8), 10
 
     kept = P.replay(copy.deepcopy(model), record, PassContext(data=ShapeOnly()))  # type: ignore[arg-type]

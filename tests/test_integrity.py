@@ -1,8 +1,9 @@
-"""Integrity: every artefact a run writes carries a SHA-256 and every load checks it; every export
-format carries a manifest (weights, graph/code, metadata). Flipped bytes, truncation and edited
-metadata are refused by the loaders and by `nas-run verify`, as one line and exit 2, with the
-store left as it was. One tiny run (nb201, digits, 1 trial, 1 epoch; compressed; trained 1 epoch)
-is shared by the whole file."""
+"""Integrity: every file a run writes carries a SHA-256 and every load checks it; every model a stage
+produces is an artefact (`nas.artefact`: the model file and a manifest hashing every file of it,
+loaded through `compress.artefact_model.load_artefact`); every export format carries a manifest
+(weights, graph/code, metadata). Flipped bytes, truncation and edited metadata are refused by the
+loaders and by `nas-run verify`, as one line and exit 2, with the store left as it was. One tiny
+run (nb201, digits, 1 trial, 1 epoch; compressed; trained 1 epoch) is shared by the whole file."""
 
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ import numpy as np
 import pytest
 import torch
 
+from compress.artefact_model import load_artefact
+from compress.model_spec import ModelSpec
 from compress.policy import Policy
 from compress.run import CompressConfig, run_compress
 from export import load_model
 from export.formats import FORMATS, ExportError, load_export, sidecar_path
 from export.trial import export_trial
+from nas.artefact import MANIFEST_SUFFIX, manifest_path, open_artefact
 from nas.config import SearchConfig
 from nas.data import load_dataset
 from nas.final_training import train_final
-from nas.integrity import IntegrityError, digest_path, verify_file
-from nas.search import run_search
+from nas.integrity import IntegrityError, digest_path, verify_file, write_digest
+from nas.search import open_store, run_search
 from nas_run.cli import main
 from search_spaces import NasRunError
 
@@ -79,18 +83,34 @@ def _one_error_line(capsys, name: str) -> str:
     return cap.out
 
 
-def _artefacts(run: Path) -> dict[str, Path]:
+def _stage_models(run: Path) -> dict[str, Path]:
+    """The model file of every stage's artefact: search trial, compression trials (float, int8),
+    `nas-run train`'s seed and its published copy."""
     comp = sorted((run / "compressed").iterdir())
-    pruned = next(d for d in comp if PRUNE.id in d.name)
-    q = next(d for d in comp if INT8.id in d.name)
     return {
-        "trial weights": next((run / "weights").glob("*.safetensors")),
-        "compressed weights": pruned / "model.safetensors",
-        "compressed records": pruned / "policy.json",
-        "int8 model": q / "model.onnx",
-        "trained weights": next((run / "trained").glob("*.safetensors")),
+        "trial": next((run / "weights").glob("*.safetensors")),
+        "compressed": next(d for d in comp if PRUNE.id in d.name) / "model.safetensors",
+        "int8": next(d for d in comp if INT8.id in d.name) / "model.onnx",
+        "final": next((run / "train").rglob("model.safetensors")),
+        "trained": next((run / "trained").glob("*.safetensors")),
+    }
+
+
+def _artefacts(run: Path) -> dict[str, Path]:
+    models = _stage_models(run)
+    return {
+        "trial weights": models["trial"],
+        "trial manifest": manifest_path(models["trial"]),
+        "compressed weights": models["compressed"],
+        "compressed records": models["compressed"].with_name("policy.json"),
+        "compressed manifest": manifest_path(models["compressed"]),
+        "int8 model": models["int8"],
+        "int8 manifest": manifest_path(models["int8"]),
+        "trained weights": models["trained"],
+        "trained manifest": manifest_path(models["trained"]),
         "checkpoint": next((run / "train").rglob("checkpoint.safetensors")),
-        "final weights": next((run / "train").rglob("model.safetensors")),
+        "final weights": models["final"],
+        "final manifest": manifest_path(models["final"]),
     }
 
 
@@ -101,7 +121,9 @@ def test_every_artefact_has_a_digest_that_matches(run, capsys):
         assert digest_path(p).read_text().split()[0] == _sha(p)
     assert main(["verify", str(run)]) == 0
     out = capsys.readouterr().out
-    assert out.count("sha256 OK") == len(list(run.rglob("*.sha256"))) >= 7 and "MISMATCH" not in out
+    manifests = list(run.rglob(f"*{MANIFEST_SUFFIX}"))
+    assert out.count("artefact OK") == len(manifests) == 5 and "MISMATCH" not in out
+    assert out.count("sha256 OK") + len(manifests) == len(list(run.rglob("*.sha256"))) >= 12
 
 
 @pytest.mark.parametrize("damage", ["flip", "cut"])
@@ -115,14 +137,15 @@ def test_damaged_run_artefacts_are_refused_by_every_reader(run, tmp_path, capsys
             verify_file(p)
         capsys.readouterr()
         assert main(["verify", str(p)]) == 2
-        assert "sha256 MISMATCH" in _one_error_line(capsys, p.name)
+        shown = "artefact MISMATCH" if p.name.endswith(MANIFEST_SUFFIX) else "sha256 MISMATCH"
+        assert shown in _one_error_line(capsys, p.name)
         out = tmp_path / f"{kind}.onnx"
-        if kind in ("trial weights", "final weights"):
+        if kind.startswith(("trial ", "final ")):
             # export: the search trial's weights (--trial 0), or by default the final-trained model's
-            args = ["--trial", "0"] if kind == "trial weights" else []
+            args = ["--trial", "0"] if kind.startswith("trial ") else []
             assert main(["export", str(copy), *args, "--format", "onnx", "--out", str(out)]) == 2
             _one_error_line(capsys, p.name)
-        elif kind == "trained weights":  # what compress starts from when the run has a trained model
+        elif kind.startswith("trained "):  # what compress starts from when the run has a trained model
             assert main(["compress", "--run", str(copy), "--top-k", "1"]) == 2
             _one_error_line(capsys, p.name)
         elif kind == "checkpoint":
@@ -130,8 +153,8 @@ def test_damaged_run_artefacts_are_refused_by_every_reader(run, tmp_path, capsys
             assert main(["train", "--run", str(copy), "--epochs", "1", "--recipe", "quick", "--resume"]) == 2
             _one_error_line(capsys, p.name)
         else:
-            policy = INT8.id if kind == "int8 model" else PRUNE.id
-            fmt = "onnx-int8" if kind == "int8 model" else "onnx"
+            policy = INT8.id if kind.startswith("int8 ") else PRUNE.id
+            fmt = "onnx-int8" if kind.startswith("int8 ") else "onnx"
             assert main(["export", str(copy), "--policy", policy, "--format", fmt, "--out", str(out)]) == 2
             _one_error_line(capsys, p.name)
         assert not out.exists() and _sha(copy / "study.db") == db, kind
@@ -148,6 +171,109 @@ def test_an_artefact_from_before_digests_loads_with_a_note(run, tmp_path, capsys
     assert err.count("no recorded SHA-256") == 1 and p.name in err
     r = export_trial(copy, trial=0, format="onnx", out=tmp_path / "m.onnx", record=False)
     assert r.check["passed"]
+
+
+# -- artefacts: every stage's model, one noun, one loader ------------------------------------
+
+
+def _record_of(run: Path, stage: str) -> dict:
+    records = [r for r in open_store(run, read_only=True).records() if r["status"] == "complete"]
+    wanted = {"trial": ("search", ""), "compressed": ("compress", PRUNE.to_str()), "int8": ("compress", INT8.to_str()),
+              "final": ("train", ""), "trained": ("train", "")}[stage]
+    (rec,) = [r for r in records if (r["stage"], r["policy"]) == wanted]
+    return rec
+
+
+def test_every_stage_writes_an_artefact_that_loads_as_its_trial(run):
+    """The manifest says what the model is (kind, genotype, the trial's metrics, the hash of each
+    file), and the loader rebuilds the model the trial measured: its validation accuracy again."""
+    data = load_dataset("digits", seed=0)
+    kinds = {"trial": "trial", "compressed": "compressed", "int8": "compressed", "final": "train", "trained": "train"}
+    for stage, path in _stage_models(run).items():
+        rec, art = _record_of(run, stage), open_artefact(path)
+        assert art.kind == kinds[stage] and not art.legacy, stage
+        assert art.manifest["files"][path.name] == _sha(path) and art.genotype == rec["genotype"], stage
+        assert art.metrics == pytest.approx(rec["metrics"]), stage
+        assert ModelSpec.from_json(art.model).to_json()["genotype_id"] == rec["genotype_id"]
+        assert art.manifest["input_spec"]["standardize"]["mean"] == pytest.approx(list(data.mean))
+        loaded = load_artefact(path)
+        if stage == "int8":
+            assert loaded.module is None and loaded.onnx == path.read_bytes()
+            continue
+        with torch.no_grad():
+            acc = float((loaded.module(torch.as_tensor(data.x_val[:])).argmax(1).numpy() == data.y_val).mean())
+        # one or two argmax ties may fall the other way between the runtimes that measured it
+        assert abs(acc - rec["metrics"]["val_acc"]) <= 2 / len(data.y_val), stage
+    compressed = open_artefact(_stage_models(run)["compressed"])
+    assert "policy.json" in compressed.manifest["files"] and compressed.manifest["policy"] == PRUNE.to_str()
+    assert open_artefact(_stage_models(run)["trained"]).manifest["source"].startswith("train/")
+
+
+@pytest.mark.parametrize("resealed", [False, True], ids=["as-is", "own-sidecar-rewritten"])
+def test_every_file_of_every_artefact_is_refused_when_changed(run, tmp_path, resealed):
+    """Each file of each stage's artefact, a byte flipped at three places or cut in half: refused by
+    the loader with one line naming the file — also when the file's own ``.sha256`` was rewritten
+    to match it (then only the manifest can tell). A manifest is refused by its digest."""
+    copy = _copy(run, tmp_path)
+    refused = 0
+    for path in _stage_models(copy).values():
+        files = [path, manifest_path(path)] + ([path.with_name("policy.json")] if path.parent.parent.name == "compressed" else [])
+        for f in files:
+            if resealed and f.name.endswith(MANIFEST_SUFFIX):
+                continue  # a manifest and its own digest both rewritten is a new manifest: integrity, not authenticity
+            kept, side = f.read_bytes(), digest_path(f).read_bytes()
+            for damage in (0.05, 0.5, 0.95, "cut"):
+                _cut(f) if damage == "cut" else _flip(f, damage)
+                if resealed:
+                    write_digest(f)
+                with pytest.raises(IntegrityError) as caught:
+                    load_artefact(path)
+                assert f.name in str(caught.value) and "\n" not in str(caught.value), (f, damage)
+                refused += 1
+                f.write_bytes(kept)
+                digest_path(f).write_bytes(side)
+            load_artefact(path)  # restored: loads again
+    assert refused == 4 * (7 if resealed else 12)  # 12 files in 5 artefacts, 7 of them not manifests
+
+
+def test_an_edited_manifest_value_or_a_moved_manifest_is_refused(run, tmp_path, capsys):
+    copy = _copy(run, tmp_path)
+    models = _stage_models(copy)
+    m = manifest_path(models["compressed"])
+    edited = json.loads(m.read_text())
+    edited["metrics"]["val_acc"] = 0.99  # valid JSON, one value changed
+    m.write_text(json.dumps(edited))
+    with pytest.raises(IntegrityError, match=m.name):
+        open_artefact(models["compressed"])
+    capsys.readouterr()
+    assert main(["verify", str(m)]) == 2 and "artefact MISMATCH" in _one_error_line(capsys, m.name)
+    # the pruned model's manifest (and its digest) next to the int8 model: it describes another file
+    q = manifest_path(models["int8"])
+    shutil.copy(manifest_path(_stage_models(run)["compressed"]), q)
+    shutil.copy(digest_path(manifest_path(_stage_models(run)["compressed"])), digest_path(q))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        open_artefact(models["int8"])
+
+
+def test_a_run_made_before_artefacts_still_exports_with_a_note(run, tmp_path, capsys):
+    copy = _copy(run, tmp_path)
+    for m in list(copy.rglob(f"*{MANIFEST_SUFFIX}")):
+        m.unlink()
+        digest_path(m).unlink()
+    models = _stage_models(copy)
+    cases = {"trial": (["--trial", "0"], "onnx"), "compressed": (["--policy", PRUNE.id], "safetensors"),
+             "int8": (["--policy", INT8.id], "onnx-int8"), "final": ([], "onnx")}
+    capsys.readouterr()
+    for stage, (args, fmt) in cases.items():
+        out = tmp_path / f"{stage}.{fmt}"
+        assert main(["export", str(copy), *args, "--format", fmt, "--out", str(out)]) == 0, stage
+        err = capsys.readouterr().err
+        assert "written before artefacts kept a manifest" in err and models[stage].name in err, stage
+        assert out.is_file()
+    # the files' own digests still guard them
+    _flip(models["compressed"].with_name("policy.json"))
+    assert main(["export", str(copy), "--policy", PRUNE.id, "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
+    _one_error_line(capsys, "policy.json")
 
 
 # -- exports -----------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ A point of the space is a policy *genotype* (``policy@1|int8_calibration=entropy
 
 * per layer group (see `group_layers`), where they matter: a structured-pruning ratio
   (``prune_g<i>``) and a kept-rank fraction for low-rank decomposition (``rank_g<i>``);
-* per removable block (``depth`` kinds, up to `MAX_BLOCKS` of them, the least important by the
-  `remove_blocks` probe): keep or drop it (``drop_b<i>``), the first stage of N2N learning
+* per removable block (``depth`` kinds, up to `MAX_BLOCKS` of them, the first that
+  `remove_blocks` would remove by its default ranking): keep or drop it (``drop_b<i>``), the first stage of N2N learning
   (Ashok et al., ICLR 2018: remove layers, then shrink the rest) with the search strategy in
   place of its policy-gradient controller; the width ratios then apply to what is left;
 * global, where they do not: Quantune's five int8 dimensions — calibration (with the
@@ -64,8 +64,9 @@ FORMATS = ("qoperator", "qdq")
 GRANULARITIES = ("per_channel", "per_tensor")
 FLOAT_ENDS = ("none", "first", "last", "both")
 MAX_GROUPS = 8
-# keep/drop decisions: the least important blocks only (a deep net's 20+ blocks would make a
-# space no 20-evaluation search can cover; the important ones are rarely worth dropping)
+# keep/drop decisions: the first blocks by remove_blocks' default ranking only (a deep net's 20+
+# blocks would make a space no 20-evaluation search can cover; the costly ones per compute they
+# save are rarely worth dropping)
 MAX_BLOCKS = 8
 BLOCK_CHOICES = ("keep", "drop")
 _PROBE_SAMPLES = 256
@@ -465,21 +466,26 @@ def _prune_probe(module: Any, layers: Sequence[str], data: Any) -> float:
 
 
 def _block_decisions(module: Any, data: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[float, ...]]:
-    """The blocks a depth space decides on: the `MAX_BLOCKS` least important removable blocks of
-    ``module`` (the `remove_blocks` probe on the calibration rows), in forward order, each with the
-    layers it removes, and their probe's points lost. A model without one is a `PolicyError`."""
+    """The blocks a depth space decides on: the first `MAX_BLOCKS` removable blocks of ``module``
+    in the order ``remove_blocks`` would remove them with its default ``rank`` / ``cost`` (the
+    probe on the calibration rows: fewest points lost per share of compute saved beyond what
+    width pruning would save, see `compress.passes.remove_blocks`), in forward order, each with
+    the layers it removes, and their probe's points lost. The width ratios searched beside them
+    are what makes the pass's default the right order here: a block worth a keep/drop decision
+    is one that saves compute channel pruning cannot. A model without blocks is a `PolicyError`."""
     from .blocks import find_blocks
     from .errors import PolicyError
     from .passes.base import PassContext
-    from .passes.remove_blocks import block_scores, refusal
+    from .passes.remove_blocks import REMOVE_BLOCKS, block_order, block_scores, drop_floor, refusal
 
     module = module.cpu().eval()
     search = find_blocks(module, data.input_shape)
     if not search.blocks:
         raise PolicyError(refusal(module, search).replace("remove_blocks:", "policy space depth+prune:", 1))
-    scores = block_scores(module, search, PassContext(data=data))
-    order = sorted(range(len(search.blocks)),
-                   key=lambda i: (scores[search.blocks[i].name]["drop"], scores[search.blocks[i].name]["change"], i))
+    ctx = PassContext(data=data)
+    rank, cost = REMOVE_BLOCKS.defaults["rank"], REMOVE_BLOCKS.defaults["cost"]
+    scores = block_scores(module, search, ctx, latency=rank == "drop_per_cost" and cost.startswith("latency"))
+    order = block_order([b.name for b in search.blocks], scores, rank, cost, drop_floor(ctx))
     chosen = sorted(order[:MAX_BLOCKS])
     blocks = tuple((search.blocks[i].name, search.blocks[i].layers) for i in chosen)
     return blocks, tuple(float(scores[name]["drop"]) for name, _ in blocks)

@@ -5,7 +5,9 @@ a user's ResNet-style CNN) removal keeps the output shape, costs fewer parameter
 its record to the same state_dict and outputs, exports to ONNX with the same outputs, and
 structured pruning still works after it. An oracle for the probe: a block whose residual branch
 is exactly zero costs nothing, so it must go first, and the model without it computes the same
-function. Bad settings and a model without blocks are one-line `PolicyError`s; a depth+prune
+function; among such free blocks the default ranking removes the one saving the most compute
+beyond its parameters' share first (``rank="drop"`` keeps forward order), and a record from
+before the ranking existed replays as made. Bad settings and a model without blocks are one-line `PolicyError`s; a depth+prune
 policy search runs end to end and its trials export.
 """
 
@@ -179,12 +181,14 @@ def _residual_net(zero: int | None) -> nn.Module:
                                        nn.Linear(8, 10)))
 
 
+@pytest.mark.parametrize("rank", ["drop_per_cost", "drop"])
 @pytest.mark.parametrize("zero", [2, 4])
-def test_a_block_whose_branch_is_zero_goes_first_and_changes_nothing(zero: int) -> None:
+def test_a_block_whose_branch_is_zero_goes_first_and_changes_nothing(zero: int, rank: str) -> None:
+    """Four blocks of equal compute: whichever way they are ranked, the one that costs nothing goes."""
     model, ctx = _residual_net(zero - 1), _ctx(IMG)
-    out, record = P.apply(_residual_net(zero - 1), {**P.defaults, "count": 1}, ctx)
-    assert record["removed"] == [str(zero)]
-    assert record["scores"][str(zero)] == {"drop": 0.0, "change": 0.0}
+    out, record = P.apply(_residual_net(zero - 1), {**P.defaults, "count": 1, "rank": rank}, ctx)
+    assert record["removed"] == [str(zero)] and record["rank"] == rank
+    assert {k: record["scores"][str(zero)][k] for k in ("drop", "change")} == {"drop": 0.0, "change": 0.0}
     assert all(s["change"] > 0 for b, s in record["scores"].items() if b != str(zero))
     x = torch.randn(4, *IMG)
     assert np.abs(_outputs(out, x) - _outputs(model, x)).max() < 1e-6
@@ -194,6 +198,115 @@ def test_a_block_whose_branch_is_zero_goes_first_and_changes_nothing(zero: int) 
     assert str(zero) in three["removed"] and len(three["removed"]) == 3
     with pytest.raises(PolicyError, match=r"count=4 but only 3 of the 4 removable blocks may go with keep_per_stage=1"):
         P.apply(_residual_net(zero - 1), {**P.defaults, "count": 4}, ctx)
+
+
+def _mixed_net() -> nn.Module:
+    """Three blocks whose residual branches are all zero (each costs nothing to remove), of
+    different compute: "1" (4 channels at 8x8: few MACs, fewer parameters), "3" (16 channels at
+    8x8: most of the MACs, few parameters) and "6" (64 channels at 1x1: some MACs, most of the
+    parameters). Each is a stage of its own."""
+    torch.manual_seed(0)
+    a, b, c = _Residual(4), _Residual(16), _Residual(64)
+    with torch.no_grad():
+        for block in (a, b, c):
+            block.body[3].weight.zero_()
+            block.body[3].bias.zero_()
+    return _randomise_bn(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), a, nn.Conv2d(4, 16, 3, padding=1), b,
+                                       nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 64, 1), c, nn.Flatten(), nn.Linear(64, 10)))
+
+
+def _removed(settings: dict) -> list[str]:
+    return P.apply(_mixed_net(), {**P.defaults, "keep_per_stage": 0, **settings}, _ctx(IMG))[1]["removed"]
+
+
+def test_equally_unimportant_blocks_go_by_the_compute_they_save() -> None:
+    ctx = _ctx(IMG)
+    out, record = P.apply(_mixed_net(), {**P.defaults, "count": 1, "keep_per_stage": 0}, ctx)
+    scores = record["scores"]
+    assert all(sc["drop"] == 0.0 and sc["change"] == 0.0 for sc in scores.values())  # the oracle: all free
+    # the shares are what profiling the model without each block says
+    whole = profile(_mixed_net(), IMG)
+    for name in ("1", "3", "6"):
+        alone = P.apply(_mixed_net(), {**P.defaults, "blocks": [name]}, ctx)[0]
+        left = profile(alone, IMG)
+        assert scores[name]["macs"] == pytest.approx((whole.macs - left.macs) / whole.macs, abs=1e-6)
+        assert scores[name]["params"] == pytest.approx((whole.params - left.params) / whole.params, abs=1e-6)
+    assert scores["3"]["macs"] > scores["6"]["macs"] > scores["1"]["macs"]
+    assert scores["6"]["params"] > scores["6"]["macs"] and scores["1"]["params"] < scores["1"]["macs"]
+    # default (points per share of MACs saved beyond the parameter share): the most compute first
+    assert record["removed"] == ["3"] and (record["rank"], record["cost"]) == ("drop_per_cost", "macs_beyond_params")
+    x = torch.randn(4, *IMG)
+    assert np.abs(_outputs(out, x) - _outputs(_mixed_net(), x)).max() < 1e-6
+    # the parameter-heavy 1x1 block saves less than its parameters' share: it goes last ...
+    assert _removed({"count": 2}) == ["1", "3"]
+    # ... unless only MACs count, where it saves more than the 4-channel block
+    assert _removed({"count": 2, "cost": "macs"}) == ["3", "6"]
+    # rank="drop", the order before: all tie at zero, so forward order, cost ignored
+    _, old = P.apply(_mixed_net(), {**P.defaults, "count": 1, "keep_per_stage": 0, "rank": "drop"}, ctx)
+    assert old["removed"] == ["1"] and (old["rank"], old["cost"]) == ("drop", None)
+    assert _removed({"count": 2, "rank": "drop", "cost": "macs"}) == ["1", "3"]
+
+
+def test_points_per_share_saved_trade_a_real_drop_against_compute() -> None:
+    """Not a lexicon of drop then compute: a block that costs 2 points but saves 5x the compute
+    of a free one goes first once the free one's floor (one calibration row) makes it dearer per
+    share saved."""
+    from compress.passes.remove_blocks import block_order
+
+    scores = {"free": {"drop": 0.0, "change": 0.0, "macs": 0.10, "params": 0.0},
+              "costly": {"drop": 2.0, "change": 0.5, "macs": 0.50, "params": 0.0}}
+    names = ["free", "costly"]
+    assert block_order(names, scores, "drop_per_cost", "macs", floor=0.3) == [0, 1]  # 3 < 4 points per share
+    assert block_order(names, scores, "drop_per_cost", "macs", floor=0.5) == [1, 0]  # 5 > 4
+    assert block_order(names, scores, "drop", None, floor=0.5) == [0, 1]  # accuracy alone
+    scores["free"]["params"] = 0.2  # saves less than its parameters' share: last under the default
+    assert block_order(names, scores, "drop_per_cost", "macs_beyond_params", floor=0.01) == [1, 0]
+    with pytest.raises(PolicyError, match="'cost' is one of macs_beyond_params, macs, latency_beyond_params, latency"):
+        block_order(names, scores, "drop_per_cost", "time", floor=0.5)
+    with pytest.raises(PolicyError, match="needs the blocks' measured latency"):
+        block_order(names, scores, "drop_per_cost", "latency", floor=0.5)
+    scores["free"]["latency"], scores["costly"]["latency"] = 0.3, 0.1  # measured: the free one saves more time
+    assert block_order(names, scores, "drop_per_cost", "latency", floor=0.5) == [0, 1]  # 1.7 < 20
+    assert block_order(names, scores, "drop_per_cost", "latency_beyond_params", floor=0.5) == [0, 1]  # 5 < 20
+
+
+def test_a_latency_cost_times_each_block_and_still_replays_exactly() -> None:
+    """Which block a timing picks may vary with load; that it measured every block, that a
+    share is a share, and that the record replays to the same model may not."""
+    ctx = _ctx(IMG)
+    out, record = P.apply(_mixed_net(), {**P.defaults, "count": 1, "keep_per_stage": 0,
+                                         "cost": "latency_beyond_params"}, ctx)
+    shares = {b: sc["latency"] for b, sc in record["scores"].items()}
+    assert set(shares) == {"1", "3", "6"} and all(-1.0 < v < 1.0 for v in shares.values())
+    assert record["cost"] == "latency_beyond_params" and len(record["removed"]) == 1
+    assert _same_state(P.replay(_mixed_net(), record, ctx), out)
+
+
+def test_a_record_from_before_rank_replays_as_it_was_made() -> None:
+    """Replay reads the removed names, not the ranking: a record without rank / cost / shares
+    (as the pass wrote them before) rebuilds the same model, though today's default would choose
+    another block."""
+    ctx = _ctx(IMG)
+    old_out, record = P.apply(_mixed_net(), {**P.defaults, "count": 1, "keep_per_stage": 0, "rank": "drop"}, ctx)
+    old = {k: v for k, v in record.items() if k not in ("rank", "cost")}
+    old["scores"] = {b: {"drop": sc["drop"], "change": sc["change"]} for b, sc in record["scores"].items()}
+    assert old["removed"] == ["1"] != _removed({"count": 1})
+    assert _same_state(P.replay(_mixed_net(), old, ctx), old_out)
+    settings = {k: v for k, v in P.defaults.items() if k not in ("rank", "cost")}
+    text = json.dumps({"passes": [{"pass": "remove_blocks", "settings": {**settings, "count": 1}}]})
+    parsed = Policy.from_json(text)  # an old canonical text gets today's defaults (and so a new id)
+    assert parsed.passes[0].settings["rank"] == "drop_per_cost" and parsed.passes[0].settings["cost"] == "macs_beyond_params"
+    assert parsed.id != Policy.from_json(json.dumps({"passes": [{"pass": "remove_blocks", "settings": {
+        **settings, "count": 1, "rank": "drop"}}]})).id
+
+
+def test_depth_space_decides_on_the_blocks_the_pass_would_remove_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.policy_space as ps
+
+    monkeypatch.setattr(ps, "MAX_BLOCKS", 2)
+    space = PolicySpace.for_model(_mixed_net(), _mixed_net(), _ctx(IMG).data, kind="depth+prune", probes=False)
+    assert [name for name, _ in space.options["blocks"]] == ["1", "3"]  # forward order; "6" is not decided
+    assert space.options["block_sensitivity"] == (0.0, 0.0)
 
 
 def test_ratio_counts_removable_blocks_and_zero_is_the_identity() -> None:
@@ -223,6 +336,9 @@ def test_ratio_counts_removable_blocks_and_zero_is_the_identity() -> None:
     ({"blocks": ["layer1", "layer1"]}, "'blocks' names 'layer1' more than once"),
     ({"count": 1, "keep_per_stage": -1}, "'keep_per_stage' is an integer >= 0; got -1"),
     ({"count": 1, "keep": 1}, "unknown setting of pass 'remove_blocks'"),
+    ({"count": 1, "rank": "accuracy"}, "'rank' is one of drop_per_cost, drop; got 'accuracy'"),
+    ({"count": 1, "cost": "time"}, "'cost' is one of macs_beyond_params, macs, latency_beyond_params, latency; got 'time'"),
+    ({"count": 1, "rank": None}, "'rank' is one of drop_per_cost, drop; got None"),
 ])
 def test_bad_settings_are_one_line_policy_errors(settings: dict, message: str) -> None:
     with pytest.raises(PolicyError) as err:

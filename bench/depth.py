@@ -10,7 +10,10 @@ accuracy on the validation split in ONNX Runtime); the large-kernel model's poli
 ``merge``, the form it ships in, and its base is timed merged too.
 
 For each width-only ratio r (``structured(r) -> finetune``) the depth policies remove k blocks
-(the pass's own probe picks them) and then prune channels at the ratio whose merged parameter
+(the pass's own probe picks them: its default ranking, points lost per share of MACs saved beyond
+the parameter share; ``rank="drop"``, accuracy alone, on the CNN, and ``cost="latency_beyond_params"``,
+measured latency in place of MACs, on the large-kernel model, for comparison; what every ranking
+removes is listed too) and then prune channels at the ratio whose merged parameter
 count comes closest to the width-only one (bisection, no fine-tuning), so each comparison is at
 (nearly) equal parameters. All fine-tune ``--ft-epochs`` epochs at lr 3e-3 with KD (T=4, 0.5).
 Latency: ORT CPU, 1 thread, batch 1 (and 32), every artefact rebuilt from its records and timed
@@ -185,9 +188,11 @@ def run_policy(s: Setup, label: str, steps: list[Any], ft_epochs: int) -> dict[s
     t0 = time.perf_counter()
     m = s.ev(s.genotype, 1, lambda *a, **k: None, policy=pol.to_str())
     kept = json.loads((Path(s.ev.artefacts_dir) / f"{s.genotype.id}+{pol.id}" / "policy.json").read_text())
-    removed = next((r["removed"] for r in kept["records"] if r["pass"] == "remove_blocks"), [])
+    rb = next((r for r in kept["records"] if r["pass"] == "remove_blocks"), {})
+    removed = rb.get("removed", [])
     row = {"model": s.name, "policy": label, "policy_id": pol.id, "val_acc": m["val_acc"],
-           "acc_drop": m["acc_drop"], "params": m["params"], "removed": removed, "seconds": time.perf_counter() - t0}
+           "acc_drop": m["acc_drop"], "params": m["params"], "removed": removed, "scores": rb.get("scores", {}),
+           "seconds": time.perf_counter() - t0}
     print(f"  {s.name}: {label}: val {m['val_acc']:.4f} drop {m['acc_drop']:+.2f} params {m['params'] / 1e3:.1f}k "
           f"removed {removed} ({row['seconds']:.0f}s)", flush=True)
     return row
@@ -277,6 +282,37 @@ def summary(setups_: list[Setup]) -> list[str]:
     return out
 
 
+RANKINGS = [{}, {"cost": "macs"}, {"cost": "latency_beyond_params"}, {"cost": "latency"}, {"rank": "drop"}]
+
+
+def choices(s: Setup, counts: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """What ``remove_blocks`` removes from the base under every ranking (no fine-tuning), and the
+    probe's scores with measured latency shares: the rows only run some rankings."""
+    from compress.passes.base import get_pass
+
+    p = get_pass("remove_blocks")
+    lines, scores = [], {}
+    for c in counts:
+        got = []
+        for r in RANKINGS:
+            s.ctx.notes.clear()
+            _, rec = p.apply(copy.deepcopy(s.base.module), {**p.defaults, **c, **r}, s.ctx)
+            what = ", ".join(f"{k}={v}" for k, v in r.items()) or "default"
+            got.append(f"{what}: {', '.join(rec['removed'])}")
+            if r.get("cost") == "latency":
+                scores = rec["scores"]
+        what = ", ".join(f"{k}={v}" for k, v in c.items())
+        lines.append(f"- {s.name}, {what}: " + "; ".join(got))
+    return lines, scores
+
+
+def probe_lines(probed: list[tuple[Setup, dict[str, Any]]]) -> list[str]:
+    """Per model: the probe's scores for every candidate block, the numbers the rankings order."""
+    return [f"- {s.name}: " + "; ".join(
+        f"{b} drop {sc['drop']:.1f}, MACs {100 * sc['macs']:.1f}%, params {100 * sc['params']:.1f}%, "
+        f"latency {100 * sc['latency']:.1f}%" for b, sc in scores.items()) for s, scores in probed]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/depth_bench"))
@@ -300,15 +336,21 @@ def main() -> None:
         s.load()
     stages["train bases"] = time.perf_counter() - t
     t = time.perf_counter()
-    # the CNN has one block per stage (3 in all): keep_per_stage=0 lets the probe pick any. The probe
-    # ranks by accuracy only; the 14x14 block (0.3) holds few parameters but most of the MACs, so it
-    # is also tried by name
-    compare(cnn, RATIOS, [{"count": 1, "keep_per_stage": 0}, {"blocks": ["0.3"]}], args.ft_epochs)
+    # the CNN has one block per stage (3 in all): keep_per_stage=0 lets the probe pick any. The
+    # default ranking against accuracy alone (rank="drop", the pass's order before it had `rank`)
+    cnn_counts = [{"count": 1, "keep_per_stage": 0}]
+    compare(cnn, RATIOS, [*cnn_counts, {**cnn_counts[0], "rank": "drop"}], args.ft_epochs)
     stages["compress CNN"] = time.perf_counter() - t
     t = time.perf_counter()
-    # stages of 1, 3, 3, 1 blocks: with one kept per stage 4 may go
-    compare(lk, RATIOS, [{"count": 2}, {"count": 4}], args.ft_epochs)
+    # stages of 1, 3, 3, 1 blocks: with one kept per stage 4 may go (both rankings pick the same 4)
+    # the default ranking by MACs, and by measured latency (which here picks what rank=drop picks)
+    lk_counts = [{"count": 2}, {"count": 4}]
+    compare(lk, RATIOS, [*lk_counts, {"count": 2, "cost": "latency_beyond_params"}], args.ft_epochs)
     stages["compress large-kernel"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cnn_choice, cnn_scores = choices(cnn, cnn_counts)
+    lk_choice, lk_scores = choices(lk, lk_counts)
+    stages["rankings"] = time.perf_counter() - t
     t = time.perf_counter()
     load_before = os.getloadavg()[0]
     for s in (cnn, lk):
@@ -341,8 +383,12 @@ def main() -> None:
         "structured ratio is the one whose merged parameter count comes closest to the width-only row's "
         "(bisection before fine-tuning; 'params' column: as measured after).",
         "- `remove_blocks` chose its blocks with its own probe (metric lost on the 256 held-out calibration rows when "
-        "each block alone goes); the CNN has one block per stage, so it ran with keep_per_stage=0, and its "
-        "highest-resolution block (0.3: few parameters, most MACs) was also removed by name.",
+        "each block alone goes, and the shares of MACs, parameters and -- with a latency cost -- measured ORT "
+        "latency it saves); no block is named by hand. Default (rank=drop_per_cost, cost=macs_beyond_params): the "
+        "fewest points lost per share of MACs saved beyond the parameter share. rank=drop: points lost alone, the "
+        "order before the ranking existed (CNN rows). cost=latency_beyond_params: the same with measured latency "
+        "in place of MACs (large-kernel rows). What every ranking removes is listed below the table. The CNN has "
+        "one block per stage, so it ran with keep_per_stage=0.",
         "- Accuracy: validation split in ONNX Runtime, as the trial measured it; drop against the uncompressed model. "
         f"Latency: ORT CPU, 1 thread, medians over {args.rounds} interleaved rounds with the base (batch 1: 30 runs, "
         "batch 32: 8 per measurement); speed-up = median of per-round base/compressed ratios.",
@@ -352,10 +398,21 @@ def main() -> None:
         "Summary (at equal parameters; > 1x: the depth policy is faster; drop difference < 0: it loses less):",
         *summary([cnn, lk]),
         "",
-        "The probe ranks blocks by the accuracy their removal costs, not by what they cost to run: on the CNN it "
-        "picks the last block (4x4 maps: most of the parameters, few MACs), and the channel ratio that matches the "
-        "parameter count then leaves the expensive 14x14 layers wide. Naming the 14x14 block instead is what "
-        "buys latency there.",
+        "What each ranking removes from the base (no fine-tuning; 'default' is rank=drop_per_cost, "
+        "cost=macs_beyond_params):",
+        *cnn_choice,
+        *lk_choice,
+        "",
+        "The probe's scores (points lost on the calibration rows, before fine-tuning; shares of the model's MACs, "
+        "parameters and ORT latency -- 1 thread, batch 1, timed interleaved with the whole model -- the removal saves):",
+        *probe_lines([(cnn, cnn_scores), (lk, lk_scores)]),
+        "",
+        "Accuracy alone picks the blocks the untuned net misses least; at equal parameters what counts is compute "
+        "per parameter: a block holding more of the parameters than of the MACs (the CNN's 4x4 block) leaves the "
+        "channel ratio that matches the parameter count too mild to thin the expensive layers. MACs stand in for "
+        "time only where a block's work is a few large ops: on the large-kernel model a stage-1 block holds 3.6x the "
+        "MACs of a stage-2 block, yet removing either saves about the same time (scores above), so by MACs the "
+        "depth rows remove stage-1 blocks that cost more parameters for the same time.",
         "",
         "Goals (issue #20): >= 10x fewer parameters at <= 1 point drop, and at equal drop >= 1.3x lower measured "
         "ORT latency (batch 1) than width-only pruning:",

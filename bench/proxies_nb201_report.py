@@ -162,10 +162,13 @@ def report(args: argparse.Namespace, argv: list[str]) -> None:
             f"## Search: best validation accuracy @30 and @{args.evals} evaluations, {args.seeds} seeds",
             "",
             f"Proxies as `proxies_fn` (looked up by class); rank mix of {', '.join(DEFAULT_RANK_PROXIES)}. "
-            f"{len(VARIANTS)} variants, {args.workers} worker processes.",
+            f"{len(VARIANTS)} variants, {args.workers} worker processes. p: two-sided Mann-Whitney U of the {args.seeds} "
+            "best-@30 values against the plain surrogate's. The proxies cost nothing here (a table look-up); in a run "
+            "each costs a model build and the passes above (see the cost table), checked against 0.1 of one training.",
             "",
-            f"| strategy | mean @30 | median @30 | mean @{args.evals} | median @{args.evals} | s/run |",
-            "|---|---|---|---|---|---|",
+            f"| strategy | mean @30 | median @30 | runs at optimum @30 | p vs surrogate @30 | mean @{args.evals} | "
+            f"median @{args.evals} | runs at optimum @{args.evals} | s/run |",
+            "|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]

@@ -108,12 +108,17 @@ def search_rows(path: str, seeds: int, evals: int, workers: int, rank_names: tup
             results[(variant, seed)] = (variant, seed, trace, secs)
             log.write(json.dumps({"tag": tag, "variant": variant, "seed": seed, "trace": trace, "seconds": secs}) + "\n")
             log.flush()
+    from scipy.stats import mannwhitneyu
+
+    at30_of = {v: np.array([results[(v, s)][2][min(29, evals - 1)] for s in range(seeds)]) for v in VARIANTS}
+    optimum = max(max(r[2]) for r in results.values())  # the best any run found: NB201's optimum here
     rows = []
     for variant in VARIANTS:
         runs = [results[(variant, s)] for s in range(seeds)]
-        traces = np.array([r[2] for r in runs])
-        secs = np.mean([r[3] for r in runs])
-        at30, last = traces[:, min(29, evals - 1)], traces[:, -1]
-        rows.append(f"| {variant} | {at30.mean():.2f} | {np.median(at30):.2f} | {last.mean():.2f} | "
-                    f"{np.median(last):.2f} | {secs:.1f} |")  # fmt: skip
+        last = np.array([r[2][-1] for r in runs])
+        at30, secs = at30_of[variant], np.mean([r[3] for r in runs])
+        p = "-" if variant == "surrogate" else f"{mannwhitneyu(at30, at30_of['surrogate']).pvalue:.3f}"
+        rows.append(f"| {variant} | {at30.mean():.2f} | {np.median(at30):.2f} | {int((at30 >= optimum - 1e-6).sum())} | "
+                    f"{p} | {last.mean():.2f} | {np.median(last):.2f} | {int((last >= optimum - 1e-6).sum())} | "
+                    f"{secs:.1f} |")  # fmt: skip
     return rows

@@ -278,6 +278,10 @@ def prepare_run(
     options = dict(cfg.strategy_options)
     if cfg.strategy == "surrogate":
         given = plan.surrogate_options(space, evaluator) if plan is not None else {"stats_fn": _model_statistics(evaluator)}
+        if plan is None:  # zero-cost proxies (#23): lazy, computed only when a proxy_* option is on
+            from .proxies import CACHE_FILE, ProxyFeatures
+
+            given["proxies_fn"] = ProxyFeatures(evaluator, cache=out / CACHE_FILE, epochs=cfg.epochs, seed=cfg.seed)
         if lineage is not None:
             from .inherit import inherit_surrogate_options
             from .strategies.base import get_strategy

@@ -283,3 +283,20 @@ def test_warmup_with_real_proxies_builds_real_networks(evaluator):
     assert len(ranked) == 6 and pf.computed == 6
     scores = rank_mix(np.stack([pf(g) for g in ranked]), pf.rank_columns)
     assert list(scores) == sorted(scores, reverse=True) and pf.computed == 6  # cached
+
+
+def test_a_search_run_hands_the_surrogate_its_proxies_and_the_cost_rule_holds(tmp_path):
+    """`prepare_run` wires `ProxyFeatures` in; on digits one training costs ~0.1 s, so a proxy
+    design of 40 candidates (~1 s each) is skipped and said, and the run goes on as without it."""
+    import json
+
+    from nas.config import SearchConfig
+    from nas.search import run_search
+
+    cfg = SearchConfig(space="nb201", dataset="digits", epochs=1, batch_size=128, trials=3,
+                       strategy_options={"proxy_design": 40, "n_init": 2}, out=str(tmp_path / "run"))
+    run = run_search(cfg)
+    assert (run.store.dataframe().status == "complete").all()
+    state = json.loads((run.out / "strategy_state.json").read_text())["strategy"]["proxies"]
+    assert state["design"] == 40 and state["skipped_passes"] == {"initial design": 1}
+    assert state["cost"]["seconds_per_candidate"] > state["cost"]["training_seconds"] * 0.1

@@ -249,7 +249,7 @@ def test_searcher_tells_finished_stopped_and_interrupted_trials_apart(tmp_path: 
     assert searcher.suggest("t3") is None  # all started, but not FINISHED while they run: a
     # trial lost with its worker is run again (see test_ray_worker_death.py)
     for c in configs:  # only plain values travel to workers
-        assert set(c) == {"genotype", "budget", "number", "policy"}
+        assert set(c) == {"genotype", "budget", "number", "policy", "parent"}
         assert {type(v) for v in c.values()} <= {str, int}
 
     # t0 runs to the end: its summary report is the record

@@ -425,10 +425,9 @@ class JointEvaluator:
         path = trainer.weights_path(genotype, budget)
         trained = 0.0
         if path is None or not path.is_file():
-            from nas.artefact import keep_trial_artefact
-
-            # training reports every epoch (the float model's val_acc): early stopping decides here
-            keep_trial_artefact(trainer, genotype, budget, trainer(genotype, budget, report))
+            # training reports every epoch (the float model's val_acc): early stopping decides here;
+            # the trainer keeps the weights and their artefact
+            trainer(genotype, budget, report)
             trained = 1.0
         metrics = self.compression(genotype, budget, _no_report, policy=policy)
         metrics["trained"] = trained

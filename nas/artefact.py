@@ -164,13 +164,11 @@ def input_spec(data: Dataset, standardized: bool = True) -> dict[str, Any]:
     }
 
 
-def keep_trial_artefact(evaluator: Any, genotype: Genotype, budget: int, metrics: Mapping[str, float]) -> Path | None:
+def keep_trial_artefact(
+    evaluator: TrainingEvaluator, genotype: Genotype, budget: int, metrics: Mapping[str, float]
+) -> Path | None:
     """A finished search trial's manifest beside the weights its `TrainingEvaluator` kept (its
-    ``weights_path``); None when the evaluator keeps none (another evaluator, or no weights_dir)."""
-    from .training import TrainingEvaluator
-
-    if not isinstance(evaluator, TrainingEvaluator):
-        return None
+    ``weights_path``); None when it keeps none (no weights_dir)."""
     weights = evaluator.weights_path(genotype, budget)
     if weights is None or not weights.is_file():
         return None

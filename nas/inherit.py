@@ -87,6 +87,9 @@ class Lineage:
         self.trained: dict[str, _Trained] = {}
         self.chosen: dict[str, Parent | None] = {}  # proposal text -> its parent, fixed once opened
         self._dims: dict[str, dict[str, Any]] = {}
+        # nearest parent by proposal text, valid until the next trained trial: the surrogate asks
+        # `features` for every pool candidate several times per ask
+        self._near: dict[str, Parent | None] = {}
 
     # -- what the controller tells it ----------------------------------------------------------
     def add_trained(self, number: int, genotype: Genotype, budget: int, loss: float | None, lineage_epochs: int | None) -> None:
@@ -94,6 +97,7 @@ class Lineage:
         path = self.weights_path(genotype, budget)
         if loss is None or not math.isfinite(loss) or path is None or not path.is_file():
             return
+        self._near.clear()
         self.trained[genotype.to_str()] = _Trained(number, genotype, float(loss), int(lineage_epochs or budget), str(path))
 
     def parent_for(self, proposal: Genotype) -> Parent | None:
@@ -105,6 +109,11 @@ class Lineage:
 
     def _nearest(self, proposal: Genotype) -> Parent | None:
         key = proposal.to_str()
+        if key not in self._near:
+            self._near[key] = self._search_nearest(proposal, key)
+        return self._near[key]
+
+    def _search_nearest(self, proposal: Genotype, key: str) -> Parent | None:
         mine = self._values(proposal)
         best: tuple[int, float, int] | None = None
         pick: _Trained | None = None

@@ -170,12 +170,17 @@ class TrainingEvaluator:
         if self.cv > 1:
             if parent:  # the parent trained on fold 0's split: other folds would validate on its training data
                 raise ConfigError("weight inheritance needs cv = 1")
-            return self._cross_validated(genotype, budget, report)
-        inherited: dict[str, float] = {}
-        trainer = self.trainer(genotype, budget, parent=parent, inherited=inherited)
-        trainer.run(report)
-        # the compression stage starts from these trained weights
-        return {**self.measure_trained(trainer, self.with_test, self.weights_path(genotype, budget)), **inherited}
+            metrics = self._cross_validated(genotype, budget, report)
+        else:
+            inherited: dict[str, float] = {}
+            trainer = self.trainer(genotype, budget, parent=parent, inherited=inherited)
+            trainer.run(report)
+            # the compression stage starts from these trained weights
+            metrics = {**self.measure_trained(trainer, self.with_test, self.weights_path(genotype, budget)), **inherited}
+        from .artefact import keep_trial_artefact
+
+        keep_trial_artefact(self, genotype, budget, metrics)  # the kept weights' manifest (none kept: nothing)
+        return metrics
 
     def _cross_validated(self, genotype: Genotype, budget: int, report: Reporter) -> dict[str, float]:
         """The candidate trained on every fold (`nas.crossval.cv_folds`), epoch by epoch across the

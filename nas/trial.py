@@ -103,8 +103,6 @@ def run_trial(
     ``policy=``; architecture evaluators, which take none, are called without it. A non-empty
     ``parent`` (`nas.inherit.Parent` text) is passed as ``parent=`` the same way.
     """
-    from .artefact import keep_trial_artefact
-
     history: list[dict[str, float]] = []
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
@@ -117,9 +115,6 @@ def run_trial(
     try:
         extra = {**({"policy": policy} if policy else {}), **({"parent": parent} if parent else {})}
         metrics = {k: float(v) for k, v in evaluator(genotype, budget, report, **extra).items()}
-        # the model a search trial trained becomes an artefact: its manifest beside the weights its
-        # evaluator kept (a `TrainingEvaluator` with a weights folder; others write their own or none)
-        keep_trial_artefact(evaluator, genotype, budget, metrics)
     except StopTrial:
         last = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
         return TrialResult("stopped", last, tuple(history), "", time.perf_counter() - start)
